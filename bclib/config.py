@@ -1,0 +1,42 @@
+"""Settings read from the environment.
+
+- ``BCLIB_DATA``: folder that holds (or receives) the data sets; default ``data/`` of the
+  project checkout (or of the working directory when bclib is installed from a wheel).
+- ``BCLIB_FAST=1``: fast mode for tests and nbval (data subsets, fewer epochs).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+def project_root() -> Path:
+    """The checkout holding bclib (so chapters in ``book/`` find ``data/`` and ``results/``), else the cwd."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() else Path.cwd()
+
+
+def data_dir() -> Path:
+    env = os.environ.get("BCLIB_DATA")
+    return Path(env).expanduser() if env else project_root() / "data"
+
+
+def results_dir() -> Path:
+    """Where ``python -m bclib.reproduce`` writes and the book reads the shipped runs."""
+    return project_root() / "results"
+
+
+def fast_mode() -> bool:
+    return os.environ.get("BCLIB_FAST", "0").lower() not in ("", "0", "false", "no")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed torch's global generators and return a CPU generator for data shuffling."""
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)

@@ -1,0 +1,47 @@
+"""Kullback-Leibler divergences used by the Bayesian group layers.
+
+All functions are element-wise and return a tensor of the same shape as their
+arguments: the caller sums. Log-normal posteriors are parametrised by the mean
+``mu`` and log-variance ``logvar`` of the *logarithm* of the variable.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# Molchanov et al. (2017), eq. 14: constants of the sigmoid fit to -KL(q || log-uniform).
+K1, K2, K3 = 0.63576, 1.87320, 1.48695
+_HALF_LOG_2 = 0.5 * math.log(2.0)
+
+
+def kl_log_uniform(log_alpha: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, alpha mu^2) || p(z) ∝ 1/|z|), approximately (paper eq. 8, Sparse VD eq. 14).
+
+    The prior is improper, so the KL is defined up to a constant; this one is fixed so
+    that the KL tends to 0 as ``alpha -> inf`` (a group that carries no information).
+    """
+    neg_kl = K1 * torch.sigmoid(K2 + K3 * log_alpha) - 0.5 * F.softplus(-log_alpha) - K1
+    return -neg_kl
+
+
+def kl_std_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, 1)) (paper eq. 9 for the weights given z)."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+
+
+def kl_lognormal_gamma(mu: torch.Tensor, logvar: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """KL(LogNormal(mu, exp(logvar)) || Gamma(shape=1/2, scale)), exact.
+
+    Used for the horseshoe's non-centred scales (paper eq. 11-12): ``s_a`` with
+    ``scale = tau0**2`` and the local ``alpha_i`` with ``scale = 1``.
+    """
+    mean = torch.exp(mu + 0.5 * logvar.exp())
+    return 0.5 * math.log(scale) + mean / scale - 0.5 * (mu + logvar + 1.0) - _HALF_LOG_2
+
+
+def kl_lognormal_invgamma(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(LogNormal(mu, exp(logvar)) || InvGamma(shape=1/2, scale=1)), exact."""
+    mean_inv = torch.exp(0.5 * logvar.exp() - mu)
+    return mean_inv - 0.5 * (-mu + logvar + 1.0) - _HALF_LOG_2

@@ -1,0 +1,254 @@
+"""Bayesian group layers: fully connected and convolutional, normal-Jeffreys or horseshoe.
+
+Every weight of group ``i`` shares a scale ``z_i`` (see :mod:`bclib.scales`):
+
+- fully connected: one group per **input** neuron, ``w_ij = z_j * w~_ij`` (so the groups
+  of a network's first layer are its input features, e.g. pixels);
+- convolutional: one group per **output** filter, ``w_f = z_f * w~_f``.
+
+Given ``z`` the weights have the posterior ``q(w~) = N(mu, sigma^2)`` (paper eq. 7). Training
+uses the local reparameterisation trick (Kingma et al., 2015): ``z`` is drawn once per
+example and the pre-activations, which are Gaussian given ``z``, are sampled instead of the
+weights. In ``eval()`` mode the layer is deterministic and uses the posterior means
+``E[w] = E[z] mu``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kl import kl_std_normal
+from .scales import make_scale
+
+_INIT_LOGVAR = -9.0
+
+
+class BayesianGroupLayer(nn.Module):
+    """Shared parameters and posterior summaries; subclasses define the forward pass.
+
+    Args:
+        weight_shape: shape of the weight tensor, output dimension first.
+        group_dim: 1 for fully connected layers (groups = inputs), 0 for conv (groups = filters).
+        prior: "nj" (group normal-Jeffreys, BC-GNJ) or "hs" (group horseshoe, BC-GHS).
+        bias: whether the layer has a (Bayesian) bias.
+        clip_var: if given, ``clip_variances()`` caps the weights' variance at this value.
+        init_weight, init_bias: posterior means to start from (e.g. a pretrained net).
+        tau0: the horseshoe's global scale hyper-parameter (ignored for "nj").
+    """
+
+    def __init__(
+        self,
+        weight_shape: tuple[int, ...],
+        group_dim: int,
+        prior: str,
+        bias: bool = True,
+        clip_var: Optional[float] = None,
+        init_weight: Optional[torch.Tensor] = None,
+        init_bias: Optional[torch.Tensor] = None,
+        tau0: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        if clip_var is not None and not clip_var > 0:
+            raise ValueError(f"clip_var must be positive or None, got {clip_var}")
+        self.prior = prior
+        self.group_dim = group_dim
+        self.clip_var = clip_var
+        groups = weight_shape[group_dim]
+        self.scale = make_scale(prior, groups, **({"tau0": tau0} if prior == "hs" else {}))
+
+        fan_in = math.prod(weight_shape[1:])
+        self.weight_mu = nn.Parameter(torch.randn(weight_shape) / math.sqrt(fan_in))
+        self.weight_logvar = nn.Parameter(torch.randn(weight_shape) * 1e-2 + _INIT_LOGVAR)
+        if init_weight is not None:
+            self.weight_mu.data.copy_(_checked(init_weight, weight_shape, "init_weight"))
+        if bias:
+            self.bias_mu = nn.Parameter(torch.zeros(weight_shape[0]))
+            self.bias_logvar = nn.Parameter(torch.randn(weight_shape[0]) * 1e-2 + _INIT_LOGVAR)
+            if init_bias is not None:
+                self.bias_mu.data.copy_(_checked(init_bias, (weight_shape[0],), "init_bias"))
+        else:
+            self.register_parameter("bias_mu", None)
+            self.register_parameter("bias_logvar", None)
+        # Optional 0/1 mask over the weights, applied in eval mode (see compression.apply_masks).
+        self.weight_mask: Optional[torch.Tensor] = None
+        self.bias_mask: Optional[torch.Tensor] = None
+
+    # --- posterior summaries -------------------------------------------------------------
+    def _per_group(self, v: torch.Tensor) -> torch.Tensor:
+        """Reshape a per-group vector so it broadcasts against the weight tensor."""
+        shape = [1] * self.weight_mu.dim()
+        shape[self.group_dim] = -1
+        return v.view(shape)
+
+    @property
+    def log_alpha(self) -> torch.Tensor:
+        """Per-group log dropout rate ``log Var[z]/E[z]^2`` (paper sec. 4): large = prunable."""
+        return self.scale.log_alpha
+
+    @property
+    def num_groups(self) -> int:
+        return self.weight_mu.shape[self.group_dim]
+
+    def posterior_weight_mean(self) -> torch.Tensor:
+        """``E[w] = E[z] mu`` for every weight."""
+        return self._per_group(self.scale.mean) * self.weight_mu
+
+    def posterior_weight_variance(self) -> torch.Tensor:
+        """Marginal ``Var[w] = E[z]^2 s^2 + Var[z] mu^2 + Var[z] s^2`` (paper sec. 4, for bit precision)."""
+        ez, vz = self._per_group(self.scale.mean), self._per_group(self.scale.variance)
+        s2 = self.weight_logvar.exp()
+        return ez.pow(2) * s2 + vz * self.weight_mu.pow(2) + vz * s2
+
+    def posterior_bias_mean(self) -> Optional[torch.Tensor]:
+        return self.bias_mu
+
+    def kl_divergence(self) -> torch.Tensor:
+        """KL(q(z, w) || p(z, w)): the scale's KL plus the weights' (and bias') ``KL(N(mu, s^2) || N(0, 1))``."""
+        kl = self.scale.kl() + kl_std_normal(self.weight_mu, self.weight_logvar).sum()
+        if self.bias_mu is not None:
+            kl = kl + kl_std_normal(self.bias_mu, self.bias_logvar).sum()
+        return kl
+
+    @torch.no_grad()
+    def clip_variances(self) -> None:
+        """Cap ``log sigma^2`` at ``log clip_var`` (the tutorial does this for the first layer)."""
+        if self.clip_var is not None:
+            bound = math.log(self.clip_var)
+            self.weight_logvar.clamp_(max=bound)
+            if self.bias_logvar is not None:
+                self.bias_logvar.clamp_(max=bound)
+
+    def _eval_params(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        w, b = self.posterior_weight_mean(), self.posterior_bias_mean()
+        if self.weight_mask is not None:
+            w = w * self.weight_mask
+            b = None if b is None else b * self.bias_mask
+        return w, b
+
+
+def _checked(t: torch.Tensor, shape: tuple[int, ...], name: str) -> torch.Tensor:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(t.shape)} but the layer needs {tuple(shape)}")
+    return t.detach()
+
+
+def _sample_gaussian(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    return mean + torch.randn_like(mean) * torch.sqrt(var + 1e-8)
+
+
+class _LinearGroup(BayesianGroupLayer):
+    prior = "nj"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, **kwargs) -> None:
+        super().__init__((out_features, in_features), group_dim=1, prior=type(self).prior, bias=bias, **kwargs)
+        self.in_features, self.out_features = in_features, out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{type(self).__name__} expects inputs with last dimension {self.in_features}, "
+                f"got shape {tuple(x.shape)} (flatten images first, e.g. x.flatten(1))"
+            )
+        if not self.training:
+            w, b = self._eval_params()
+            return F.linear(x, w, b)
+        z = self.scale.sample(x.numel() // self.in_features).view(*x.shape[:-1], self.in_features)
+        xz = x * z
+        bias_var = None if self.bias_logvar is None else self.bias_logvar.exp()
+        mean = F.linear(xz, self.weight_mu, self.bias_mu)
+        var = F.linear(xz.pow(2), self.weight_logvar.exp(), bias_var)
+        return _sample_gaussian(mean, var)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, prior={self.prior!r}"
+
+
+class LinearGroupNJ(_LinearGroup):
+    """Fully connected layer with group normal-Jeffreys scales on its input neurons (BC-GNJ)."""
+
+    prior = "nj"
+
+
+class LinearGroupHS(_LinearGroup):
+    """Fully connected layer with group horseshoe scales on its input neurons (BC-GHS)."""
+
+    prior = "hs"
+
+
+class _ConvNdGroup(BayesianGroupLayer):
+    prior = "nj"
+    _dims = 2
+    _conv = staticmethod(F.conv2d)
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, ...],
+        stride: int | tuple[int, ...] = 1,
+        padding: int | tuple[int, ...] = 0,
+        dilation: int | tuple[int, ...] = 1,
+        bias: bool = True,
+        **kwargs,
+    ) -> None:
+        ks = (kernel_size,) * self._dims if isinstance(kernel_size, int) else tuple(kernel_size)
+        super().__init__((out_channels, in_channels, *ks), group_dim=0, prior=type(self).prior, bias=bias, **kwargs)
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, ks
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+
+    def _apply_conv(self, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+        return self._conv(x, w, b, self.stride, self.padding, self.dilation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != self._dims + 2 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"{type(self).__name__} expects input of shape (batch, {self.in_channels}, "
+                f"{', '.join(['length'] * self._dims)}), got {tuple(x.shape)}"
+            )
+        if not self.training:
+            w, b = self._eval_params()
+            return self._apply_conv(x, w, b)
+        bias_var = None if self.bias_logvar is None else self.bias_logvar.exp()
+        mean = self._apply_conv(x, self.weight_mu, self.bias_mu)
+        var = self._apply_conv(x.pow(2), self.weight_logvar.exp(), bias_var)
+        z = self.scale.sample(x.shape[0]).view(x.shape[0], -1, *([1] * self._dims))
+        return z * _sample_gaussian(mean, var)
+
+    def posterior_bias_mean(self) -> Optional[torch.Tensor]:
+        # The filter's scale multiplies its whole output, bias included.
+        return None if self.bias_mu is None else self.bias_mu * self.scale.mean
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, prior={self.prior!r}"
+        )
+
+
+class Conv1dGroupNJ(_ConvNdGroup):
+    """1-d convolution with group normal-Jeffreys scales on its output filters."""
+
+    _dims, _conv = 1, staticmethod(F.conv1d)
+
+
+class Conv2dGroupNJ(_ConvNdGroup):
+    """2-d convolution with group normal-Jeffreys scales on its output filters (BC-GNJ)."""
+
+    _dims, _conv = 2, staticmethod(F.conv2d)
+
+
+class Conv3dGroupNJ(_ConvNdGroup):
+    """3-d convolution with group normal-Jeffreys scales on its output filters."""
+
+    _dims, _conv = 3, staticmethod(F.conv3d)
+
+
+class Conv2dGroupHS(_ConvNdGroup):
+    """2-d convolution with group horseshoe scales on its output filters (BC-GHS)."""
+
+    prior = "hs"
+    _dims, _conv = 2, staticmethod(F.conv2d)

@@ -1,0 +1,189 @@
+"""The variational objective, a seeded training loop, evaluation and atomic checkpoints."""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .models import bayesian_layers, build, kl_divergence
+
+CHECKPOINT_FORMAT = "bclib-checkpoint-v1"
+
+
+def elbo_loss(
+    model: nn.Module, logits: torch.Tensor, y: torch.Tensor, n_data: int, kl_weight: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Negative ELBO per example (paper eq. 3): ``CE + kl_weight * KL / N``.
+
+    Returns ``(loss, cross_entropy, kl)``; for a plain network the KL is 0.
+    """
+    ce = F.cross_entropy(logits, y)
+    kl = kl_divergence(model).to(logits.device) if kl_weight else torch.zeros((), device=logits.device)
+    return ce + kl_weight * kl / n_data, ce, kl
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Accuracy (0-1) of ``model`` in eval mode (posterior means for group layers)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = total = 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        correct += (model(x).argmax(1) == y).sum().item()
+        total += len(y)
+    model.train(was_training)
+    return correct / max(total, 1)
+
+
+def kl_schedule(epoch: int, warmup: int) -> float:
+    """KL weight for ``epoch`` (0-based): linear ramp from 1/warmup to 1 over ``warmup`` epochs."""
+    return 1.0 if warmup <= 0 else min(1.0, (epoch + 1) / warmup)
+
+
+def train(
+    model: nn.Module,
+    train_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    epochs: int,
+    n_data: Optional[int] = None,
+    lr: float = 1e-3,
+    kl_warmup: int = 0,
+    test_batches: Optional[Iterable[tuple[torch.Tensor, torch.Tensor]]] = None,
+    state_path: Optional[Path | str] = None,
+    on_epoch_end: Optional[Callable[[int, nn.Module], None]] = None,
+    progress: bool = True,
+) -> list[dict[str, float]]:
+    """Train with Adam on the negative ELBO (plain cross-entropy for a plain network).
+
+    Args:
+        n_data: training-set size N in ``KL / N``; defaults to the number of examples per pass.
+        kl_warmup: epochs over which the KL weight ramps up to 1 (0: no warm-up).
+        state_path: if given, the model, optimiser and history are saved there atomically
+            after every epoch, and a run finding that file resumes from it.
+        on_epoch_end: called as ``f(epoch, model)`` after each epoch (e.g. to take snapshots).
+    Returns:
+        One dict per epoch: loss, cross-entropy, KL, KL weight, seconds, test accuracy.
+    """
+    device = next(model.parameters()).device
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    history: list[dict[str, float]] = []
+    if state_path is not None and Path(state_path).exists():
+        state = _torch_load(state_path)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        history = state["history"]
+        torch.set_rng_state(state["rng"])
+    layers = bayesian_layers(model)
+    n_data = n_data or _count(train_batches)
+    for epoch in range(len(history), epochs):
+        model.train()
+        beta = kl_schedule(epoch, kl_warmup) if layers else 0.0
+        sums = {"loss": 0.0, "ce": 0.0, "kl": 0.0}
+        n = 0
+        t0 = time.perf_counter()
+        bar = tqdm(train_batches, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not progress)
+        for x, y in bar:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            loss, ce, kl = elbo_loss(model, model(x), y, n_data, beta)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for layer in layers:
+                layer.clip_variances()
+            for k, v in zip(sums, (loss, ce, kl)):
+                sums[k] += v.item()
+            n += 1
+        record = {k: v / max(n, 1) for k, v in sums.items()}
+        record.update(epoch=epoch + 1, kl_weight=beta, seconds=time.perf_counter() - t0)
+        if test_batches is not None:
+            record["test_acc"] = evaluate(model, test_batches)
+        history.append(record)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, model)
+        if state_path is not None:
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "history": history,
+                     "rng": torch.get_rng_state()}  # fmt: skip
+            atomic_save(state, state_path)
+        if progress:
+            tqdm.write(_describe(record))
+    return history
+
+
+def _count(batches: Iterable) -> int:
+    x = getattr(batches, "x", None)
+    if x is None:
+        raise ValueError("pass n_data: the number of training examples N in KL/N")
+    return len(x)
+
+
+def _describe(r: dict[str, float]) -> str:
+    acc = f", test acc {r['test_acc']:.4f}" if "test_acc" in r else ""
+    return f"epoch {r['epoch']}: loss {r['loss']:.4f}, CE {r['ce']:.4f}, KL {r['kl']:.1f}{acc} ({r['seconds']:.1f}s)"
+
+
+# --- checkpoints ------------------------------------------------------------------------
+def atomic_save(obj: Any, path: Path | str) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _torch_load(path: Path | str) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
+        raise ValueError(
+            f"{path} is not a readable checkpoint (truncated or corrupt: {err}). "
+            "Delete it and train again, or restore it from git."
+        ) from err
+
+
+def save_checkpoint(
+    path: Path | str, model: nn.Module, arch: str, prior: Optional[str], half: bool = False, **meta: Any
+) -> None:
+    """Save a model built by ``bclib.models.build(arch, prior)`` with metadata (atomically).
+
+    ``half=True`` stores the tensors as float16 (half the size; they load back as float32).
+    """
+    dtype = torch.float16 if half else torch.float32
+    state = {"format": CHECKPOINT_FORMAT, "arch": arch, "prior": prior, "meta": meta,
+             "state_dict": {k: v.detach().cpu().to(dtype) for k, v in model.state_dict().items()}}  # fmt: skip
+    atomic_save(state, path)
+
+
+def load_checkpoint(path: Path | str) -> tuple[nn.Sequential, dict[str, Any]]:
+    """Rebuild and load a model saved by :func:`save_checkpoint`; returns ``(model, meta)``."""
+    state = _torch_load(path)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a bclib checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    model = build(state["arch"], state["prior"])
+    try:
+        model.load_state_dict({k: v.float() for k, v in state["state_dict"].items()})
+    except RuntimeError as err:
+        raise ValueError(
+            f"{path} does not match {state['arch']} with prior {state['prior']!r}: {err}. "
+            "Was it saved from another model? Save it again with save_checkpoint."
+        ) from err
+    model.eval()
+    return model, dict(state["meta"], arch=state["arch"], prior=state["prior"])
