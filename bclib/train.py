@@ -152,7 +152,7 @@ def _torch_load(path: Path | str) -> Any:
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
         raise ValueError(
             f"{path} is not a readable checkpoint (truncated or corrupt: {err}). "
             "Delete it and train again, or restore it from git."

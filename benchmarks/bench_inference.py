@@ -1,0 +1,240 @@
+"""CPU inference and storage: dense LeNet vs the pruned net vs the compressed file reloaded.
+
+    python benchmarks/bench_inference.py [--threads 1] [--repeats 30] [--json PATH]
+
+For each shipped Bayesian checkpoint ``results/<arch>-<prior>.pt`` whose run has finished
+(thresholds in ``results/<arch>-<prior>.json``) it compares three networks:
+
+- dense: the plain LeNet at full size holding the posterior means ``E[w]``;
+- pruned: ``bclib.compression.prune`` at the run's thresholds (float32 weights);
+- reloaded: that net written by ``bclib.export.export_compressed`` and read back by
+  ``bclib.load_compressed`` (weights rounded to the report's bits).
+
+Timings are medians over ``--repeats`` interleaved runs after a warm-up, under
+``torch.inference_mode``; speed-ups are dense time / compressed time from the same run,
+set beside the ratio of multiply-adds (MACs) of the linear and conv layers. Sizes: the
+dense float32 state (weights + biases), the compressed file, the achieved rate (dense
+weight bytes / file bytes) and ``compression_report``'s theoretical ``rate_precision``
+(weights only, no header, spec or biases). Test errors on MNIST need ``BCLIB_DATA``.
+An architecture without a finished run falls back to a freshly initialised Bayesian net
+with hand-set ``log_alpha`` (the paper's kept architecture, random weights), marked so.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from bclib import models
+from bclib.compression import compression_report, prune
+from bclib.config import results_dir
+from bclib.data import load_mnist
+from bclib.export import export_compressed
+from bclib.load_compressed import load_compressed
+from bclib.reproduce import quantized
+from bclib.train import load_checkpoint
+
+BATCH_SIZES = (1, 64, 1024)
+PRIORS = ("nj", "hs")
+# Fallback: share of groups pruned per layer, so that the kept groups match the paper's
+# BC-GNJ architectures (LeNet-300-100: 278-98-13; LeNet-5-Caffe: 8-13-88-13).
+FALLBACK_PRUNED = {"lenet_300_100": [1 - 278 / 784, 1 - 98 / 300, 1 - 13 / 100],
+                   "lenet5_caffe": [1 - 8 / 20, 1 - 13 / 50, 1 - 88 / 208, 1 - 13 / 500]}  # fmt: skip
+WEIGHTED = (nn.Linear, nn.Conv2d)
+
+
+@dataclass
+class Case:
+    """One Bayesian network to compress, and where it came from."""
+
+    name: str
+    source: str
+    model: nn.Sequential
+    thresholds: list[float]
+
+
+@dataclass
+class Row:
+    name: str
+    source: str
+    architecture: str
+    macs_dense: int
+    macs_compressed: int
+    dense_state_bytes: int
+    dense_weight_bytes: int
+    file_bytes: int
+    rate_achieved: float
+    rate_precision: float
+    error_reloaded: Optional[float] = None
+    error_quantized: Optional[float] = None
+    timings_ms: dict[int, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def mac_ratio(self) -> float:
+        return self.macs_dense / max(self.macs_compressed, 1)
+
+
+def shipped_cases(results: Path) -> list[Case]:
+    """Finished runs in ``results``; a hand-pruned fresh net for an architecture without any."""
+    cases = []
+    for arch in models.ARCHITECTURES:
+        found = []
+        for prior in PRIORS:
+            ckpt, summary = results / f"{arch}-{prior}.pt", results / f"{arch}-{prior}.json"
+            if ckpt.is_file() and summary.is_file():
+                model, _ = load_checkpoint(ckpt)
+                found.append(Case(f"{arch}-{prior}", str(ckpt), model, json.loads(summary.read_text())["thresholds"]))
+        cases += found or [fallback_case(arch)]
+    return cases
+
+
+def fallback_case(arch: str, seed: int = 0) -> Case:
+    """A fresh BC-GNJ net whose pruned groups get ``log_alpha = z_logvar - log z_mu^2 ≈ 4`` (threshold 0)."""
+    torch.manual_seed(seed)
+    model = models.build(arch, "nj").eval()
+    layers = models.bayesian_layers(model)
+    with torch.no_grad():
+        for layer, share in zip(layers, FALLBACK_PRUNED[arch]):
+            z_logvar = layer.scale.z_logvar
+            z_logvar[torch.randperm(z_logvar.numel())[: round(share * z_logvar.numel())]] = 4.0
+    return Case(f"{arch}-nj", "FALLBACK: fresh net, random weights, hand-set log_alpha", model, [0.0] * len(layers))
+
+
+@torch.no_grad()
+def dense_net(bayes: nn.Sequential, arch: str) -> nn.Sequential:
+    """The plain full-size network holding the posterior means ``E[w]`` and bias means."""
+    plain = models.build(arch, None).eval()
+    for p, b in zip([m for m in plain if isinstance(m, WEIGHTED)], models.bayesian_layers(bayes)):
+        p.weight.copy_(b.posterior_weight_mean())
+        p.bias.copy_(b.posterior_bias_mean())
+    return plain
+
+
+def count_macs(net: nn.Module, x: torch.Tensor) -> int:
+    """Multiply-adds of the linear and conv layers for one input ``x`` (batch of 1)."""
+    total = 0
+
+    def hook(m: nn.Module, _: Any, out: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(m, nn.Linear):
+            total += m.in_features * out.numel()
+        elif isinstance(m, nn.Conv2d):
+            total += out.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
+
+    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, WEIGHTED)]
+    with torch.inference_mode():
+        net(x)
+    for h in handles:
+        h.remove()
+    return total
+
+
+def time_nets(nets: dict[str, nn.Module], x: torch.Tensor, repeats: int, warmup: int = 3) -> dict[str, float]:
+    """Median milliseconds per forward pass of each net; the nets alternate within each repeat."""
+    inner = max(1, 64 // len(x))  # several calls per sample for tiny batches
+    samples: dict[str, list[float]] = {k: [] for k in nets}
+    with torch.inference_mode():
+        for net in nets.values():
+            for _ in range(warmup):
+                net(x)
+        for _ in range(repeats):
+            for name, net in nets.items():
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    net(x)
+                samples[name].append((time.perf_counter() - t0) / inner)
+    return {k: 1e3 * statistics.median(v) for k, v in samples.items()}
+
+
+def test_error(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.inference_mode():
+        pred = torch.cat([net(xb).argmax(1) for xb in x.split(1000)])
+    return 100.0 * (pred != y).float().mean().item()
+
+
+def benchmark(case: Case, repeats: int, mnist: Optional[tuple[torch.Tensor, torch.Tensor]], tmp: Path) -> Row:
+    arch = case.name.rsplit("-", 1)[0]
+    report = compression_report(case.model, case.thresholds)
+    dense, pruned = dense_net(case.model, arch), prune(case.model, case.thresholds)
+    path = tmp / f"{case.name}.bclb"
+    file_bytes = export_compressed(case.model, case.thresholds, path)
+    reloaded = load_compressed(path)
+    dense_weights = sum(m.weight.numel() for m in dense.modules() if isinstance(m, WEIGHTED))
+    one = torch.randn(1, 1, 28, 28)
+    row = Row(
+        name=case.name, source=case.source,
+        architecture="-".join(f"{i}x{o}" for i, o in report.architecture),
+        macs_dense=count_macs(dense, one), macs_compressed=count_macs(reloaded, one),
+        dense_state_bytes=4 * sum(p.numel() for p in dense.parameters()), dense_weight_bytes=4 * dense_weights,
+        file_bytes=file_bytes, rate_achieved=4 * dense_weights / file_bytes, rate_precision=report.rate_precision,
+    )  # fmt: skip
+    if mnist is not None:
+        row.error_reloaded = test_error(reloaded, *mnist)
+        row.error_quantized = test_error(quantized(pruned, report.bits), *mnist)
+    nets = {"dense": dense, "pruned": pruned, "reloaded": reloaded}
+    for b in BATCH_SIZES:
+        row.timings_ms[b] = time_nets(nets, torch.randn(b, 1, 28, 28), repeats)
+    return row
+
+
+def markdown(rows: list[Row]) -> str:
+    err = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    out = ["| model | kept (in x out per layer) | MACs dense / compressed | dense state bytes | file bytes "
+           "| achieved rate | theoretical rate_precision | test error % reloaded / quantized |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for r in rows:
+        out.append(f"| {r.name} | {r.architecture} | {r.macs_dense:,} / {r.macs_compressed:,} (x{r.mac_ratio:.1f}) | "
+                   f"{r.dense_state_bytes:,} | {r.file_bytes:,} | x{r.rate_achieved:.1f} | x{r.rate_precision:.1f} | "
+                   f"{err(r.error_reloaded)} / {err(r.error_quantized)} |")  # fmt: skip
+    out += ["", "| model | batch | dense ms | pruned ms | reloaded ms | speed-up pruned | speed-up reloaded | MAC ratio |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for r in rows:
+        for b, t in r.timings_ms.items():
+            out.append(f"| {r.name} | {b} | {t['dense']:.3f} | {t['pruned']:.3f} | {t['reloaded']:.3f} | "
+                       f"x{t['dense'] / t['pruned']:.2f} | x{t['dense'] / t['reloaded']:.2f} | x{r.mac_ratio:.1f} |")  # fmt: skip
+    return "\n".join(out)
+
+
+def mnist_test_set() -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    try:
+        return load_mnist(False, download=False)
+    except FileNotFoundError as err:
+        print(f"no MNIST test set, test errors skipped: {err}")
+        return None
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    ap.add_argument("--repeats", type=int, default=30, help="timed runs per net and batch size (median reported)")
+    ap.add_argument("--results", type=Path, default=results_dir(), help="folder of the shipped runs")
+    ap.add_argument("--json", type=Path, default=None, help="also write the numbers to this JSON file")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cases = shipped_cases(args.results)
+    mnist = mnist_test_set()
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [benchmark(c, args.repeats, mnist, Path(tmp)) for c in cases]
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {platform.processor() or platform.machine()}, "
+          f"median of {args.repeats} runs\n")  # fmt: skip
+    for r in rows:
+        print(f"- {r.name}: {r.source}")
+    print()
+    print(markdown(rows))
+    if args.json is not None:
+        settings = {"threads": args.threads, "repeats": args.repeats, "torch": torch.__version__}
+        args.json.write_text(json.dumps({"settings": settings, "rows": [asdict(r) for r in rows]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

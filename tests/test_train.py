@@ -1,0 +1,128 @@
+"""Objective, training loop, data loading and checkpoints."""
+import os
+import time
+
+import pytest
+import torch
+
+from bclib import data, models, train
+from bclib.config import data_dir
+
+HAVE_MNIST = (data_dir() / "MNIST" / "raw" / "train-images-idx3-ubyte").exists()
+needs_mnist = pytest.mark.skipif(not HAVE_MNIST, reason="MNIST not in BCLIB_DATA (set BCLIB_DATA=../shared/data)")
+
+
+def test_elbo_loss_parts():
+    torch.manual_seed(0)
+    net = models.lenet_300_100("nj")
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    logits = net(x)
+    loss, ce, kl = train.elbo_loss(net, logits, y, n_data=60000)
+    torch.testing.assert_close(loss, ce + kl / 60000)
+    torch.testing.assert_close(kl, models.kl_divergence(net))
+    assert train.kl_schedule(0, 5) == pytest.approx(0.2) and train.kl_schedule(10, 5) == 1.0
+
+
+def test_training_is_seeded_and_resumable(tmp_path):
+    x, y = torch.randn(256, 1, 28, 28), torch.randint(0, 10, (256,))
+
+    def run(epochs, state=None):
+        torch.manual_seed(0)
+        net = models.lenet_300_100("nj")
+        batches = data.TensorBatches(x, y, 64, shuffle=True, generator=torch.Generator().manual_seed(0))
+        hist = train.train(net, batches, epochs, n_data=256, state_path=state, progress=False)
+        return net, hist
+
+    a, ha = run(2)
+    b, hb = run(2)
+    assert ha[-1]["loss"] == hb[-1]["loss"]
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    # an interrupted run (1 epoch saved) resumes to the same history length
+    _, h1 = run(1, tmp_path / "s.pt")
+    _, h2 = run(2, tmp_path / "s.pt")
+    assert len(h2) == 2 and h2[0] == h1[0]
+
+
+def test_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    net = models.lenet5_caffe("hs").eval()
+    train.save_checkpoint(tmp_path / "c.pt", net, "lenet5_caffe", "hs", note="x")
+    loaded, meta = train.load_checkpoint(tmp_path / "c.pt")
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(loaded(x), net(x))
+    assert meta == {"note": "x", "arch": "lenet5_caffe", "prior": "hs"}
+    train.save_checkpoint(tmp_path / "h.pt", net, "lenet5_caffe", "hs", half=True)
+    assert (tmp_path / "h.pt").stat().st_size < 0.6 * (tmp_path / "c.pt").stat().st_size
+    half, _ = train.load_checkpoint(tmp_path / "h.pt")
+    torch.testing.assert_close(half(x), net(x), atol=0.05, rtol=0.05)
+
+
+def test_bad_checkpoints_are_clear_errors(tmp_path):
+    net = models.lenet_300_100("nj")
+    good = tmp_path / "good.pt"
+    train.save_checkpoint(good, net, "lenet_300_100", "nj")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:5000])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        train.load_checkpoint(truncated)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train.load_checkpoint(tmp_path / "missing.pt")
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, other)
+    with pytest.raises(ValueError, match="not a bclib checkpoint"):
+        train.load_checkpoint(other)
+    mismatched = tmp_path / "mismatched.pt"
+    state = torch.load(good, weights_only=True)
+    state["prior"] = "hs"
+    torch.save(state, mismatched)
+    with pytest.raises(ValueError, match="does not match lenet_300_100 with prior 'hs'"):
+        train.load_checkpoint(mismatched)
+
+
+def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "c.pt"
+    train.atomic_save({"a": 1}, path)
+
+    def broken_save(obj, f):
+        open(f, "wb").write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        train.atomic_save({"a": 2}, path)
+    assert torch.load(path, weights_only=True) == {"a": 1}
+    assert os.listdir(tmp_path) == ["c.pt"]
+
+
+def test_missing_data_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="BCLIB_DATA"):
+        data.load_mnist(train=False, root=tmp_path / "nowhere", download=False)
+
+
+def test_tensor_batches():
+    x, y = torch.arange(10).float(), torch.arange(10)
+    b = data.TensorBatches(x, y, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    assert len(b) == 3
+    seen = torch.cat([yy for _, yy in b])
+    assert sorted(seen.tolist()) == list(range(10))
+    with pytest.raises(ValueError, match="differ in length"):
+        data.TensorBatches(x, y[:3])
+
+
+@needs_mnist
+def test_short_training_on_mnist_reaches_90_percent():
+    """BCLIB_FAST-sized run: 10k images, one plain and one Bayesian epoch."""
+    torch.manual_seed(0)
+    xtr, ytr = data.load_mnist(True, limit=10000)
+    xte, yte = data.load_mnist(False)
+    assert xtr.shape == (10000, 1, 28, 28) and abs(xtr.mean().item()) < 0.1
+    batches = data.TensorBatches(xtr, ytr, 128, shuffle=True)
+    plain = models.lenet_300_100(None)
+    train.train(plain, batches, 1, progress=False)
+    net = models.to_bayesian(plain, "nj")
+    t0 = time.perf_counter()
+    train.train(net, batches, 1, n_data=60000, progress=False)
+    acc = train.evaluate(net, data.TensorBatches(xte, yte, 1000))
+    print(f"accuracy {acc:.4f}, Bayesian epoch on 10k images {time.perf_counter() - t0:.1f}s")
+    assert acc > 0.9
