@@ -3,6 +3,9 @@
 - ``BCLIB_DATA``: folder that holds (or receives) the data sets; default ``data/`` of the
   project checkout (or of the working directory when bclib is installed from a wheel).
 - ``BCLIB_FAST=1``: fast mode for tests and nbval (data subsets, fewer epochs).
+- ``BCLIB_RESULTS``: folder of trained runs that the book reads instead of ``results/``
+  (e.g. the output of ``python -m bclib.reproduce --fast --out /tmp/results-fast``, to
+  test the chapters before the full runs exist).
 """
 from __future__ import annotations
 
@@ -24,8 +27,9 @@ def data_dir() -> Path:
 
 
 def results_dir() -> Path:
-    """Where ``python -m bclib.reproduce`` writes and the book reads the shipped runs."""
-    return project_root() / "results"
+    """Where the book reads the shipped runs: ``$BCLIB_RESULTS`` if set, else ``results/`` of the checkout."""
+    env = os.environ.get("BCLIB_RESULTS")
+    return Path(env).expanduser() if env else project_root() / "results"
 
 
 def fast_mode() -> bool:

@@ -31,7 +31,7 @@ Record = tuple[dict, bytes]  # a layer's spec entry and its payload chunk
 
 
 def export_compressed(bayes_model: nn.Sequential, thresholds: Sequence[float], path: Union[str, os.PathLike]) -> int:
-    """Write ``bayes_model`` pruned at ``thresholds`` (``log_alpha`` per group layer) to ``path``; returns its size in bytes.
+    """Write ``bayes_model`` pruned at ``thresholds`` (one ``log_alpha`` per group layer); returns the file's size in bytes.
 
     The file holds ``prune(bayes_model, thresholds)`` with every weight rounded as
     ``bclib.reproduce.quantized`` rounds it, so ``load_compressed(path)`` gives that net's outputs.
@@ -65,7 +65,8 @@ def _records(net: torch.fx.GraphModule, bits: Iterator[LayerBits]) -> Iterator[R
 
 def _module_record(m: nn.Module, bits: Iterator[LayerBits]) -> Record:
     if isinstance(m, nn.Linear):
-        return _weights_record({"type": "linear", "in_features": m.in_features, "out_features": m.out_features}, m, next(bits))
+        spec = {"type": "linear", "in_features": m.in_features, "out_features": m.out_features}
+        return _weights_record(spec, m, next(bits))
     if isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str):
         spec = {"type": "conv2d", "in_channels": m.in_channels, "out_channels": m.out_channels,
                 "kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding, "dilation": m.dilation}  # fmt: skip

@@ -27,8 +27,32 @@ def kl_log_uniform(log_alpha: torch.Tensor) -> torch.Tensor:
 
 
 def kl_std_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, exp(logvar)) || N(0, 1)) (paper eq. 9 for the weights given z)."""
+    """KL(N(mu, exp(logvar)) || N(0, 1)) (paper eq. 9 for the weights given z), element-wise."""
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+
+
+class _StdNormalKLSum(torch.autograd.Function):
+    """``kl_std_normal(mu, logvar).sum()`` with a hand-written backward.
+
+    The weights' KL is evaluated every step over all weights; writing its gradients
+    ``d/dmu = mu`` and ``d/dlogvar = (exp(logvar) - 1) / 2`` directly saves the
+    intermediate tensors that autograd would keep.
+    """
+
+    @staticmethod
+    def forward(ctx, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(mu, logvar)
+        return 0.5 * (torch.dot(mu.flatten(), mu.flatten()) + (logvar.exp() - logvar).sum() - mu.numel())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        mu, logvar = ctx.saved_tensors
+        return grad * mu, grad * 0.5 * torch.expm1(logvar)
+
+
+def kl_std_normal_sum(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """``kl_std_normal(mu, logvar).sum()``, cheaper in memory and time."""
+    return _StdNormalKLSum.apply(mu, logvar)
 
 
 def kl_lognormal_gamma(mu: torch.Tensor, logvar: torch.Tensor, scale: float = 1.0) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kl import kl_std_normal
+from .kl import kl_std_normal_sum
 from .scales import make_scale
 
 _INIT_LOGVAR = -9.0
@@ -108,9 +108,9 @@ class BayesianGroupLayer(nn.Module):
 
     def kl_divergence(self) -> torch.Tensor:
         """KL(q(z, w) || p(z, w)): the scale's KL plus the weights' (and bias') ``KL(N(mu, s^2) || N(0, 1))``."""
-        kl = self.scale.kl() + kl_std_normal(self.weight_mu, self.weight_logvar).sum()
+        kl = self.scale.kl() + kl_std_normal_sum(self.weight_mu, self.weight_logvar)
         if self.bias_mu is not None:
-            kl = kl + kl_std_normal(self.bias_mu, self.bias_logvar).sum()
+            kl = kl + kl_std_normal_sum(self.bias_mu, self.bias_logvar)
         return kl
 
     @torch.no_grad()

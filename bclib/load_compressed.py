@@ -70,7 +70,7 @@ def load_compressed(path: Union[str, PathLike]) -> nn.Sequential:
     for i, layer in enumerate(layers):
         try:
             modules.append(_build(layer, reader))
-        except (KeyError, TypeError, AttributeError) as err:
+        except (KeyError, TypeError, AttributeError, RuntimeError) as err:
             raise ValueError(f"malformed bclib compressed model: layer {i} ({layer!r:.80}): {err!r}") from err
     if reader.offset != len(payload):
         raise ValueError(f"file altered or corrupt: {len(payload) - reader.offset} payload bytes not described by the spec")
@@ -93,7 +93,9 @@ def _read_file(data: bytes) -> tuple[Any, bytes]:
     end = start + spec_len + payload_len
     if len(data) < end:
         raise ValueError(f"truncated bclib compressed model (or damaged header): {len(data)} bytes, header announces {end}")
-    if len(data) > end or zlib.crc32(data[HEADER.size :]) != crc:
+    if len(data) > end:
+        raise ValueError(f"file altered or corrupt: {len(data) - end} bytes after the end that the header announces")
+    if zlib.crc32(data[HEADER.size :]) != crc:
         raise ValueError("file altered or corrupt: CRC-32 mismatch")
     try:
         spec = json.loads(data[start : start + spec_len].decode("utf-8"))
@@ -109,22 +111,25 @@ class _Reader:
         self.payload, self.offset = payload, 0
 
     def take(self, n: int) -> bytes:
-        if self.offset + n > len(self.payload):
+        if n < 0 or self.offset + n > len(self.payload):
             raise ValueError("file altered or corrupt: the payload is shorter than its spec says")
         chunk = self.payload[self.offset : self.offset + n]
         self.offset += n
         return chunk
 
 
-def _int(layer: dict, key: str) -> int:
-    v = layer[key]
-    if not isinstance(v, int) or isinstance(v, bool) or v < -(2**31) or v >= 2**31:
-        raise ValueError(f"malformed bclib compressed model: {key}={v!r} is not an integer")
+def _checked_int(v: Any, key: str) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or not -(2**31) <= v < 2**31:
+        raise ValueError(f"malformed bclib compressed model: {key}={v!r} is not a 32-bit integer")
     return v
 
 
+def _int(layer: dict, key: str) -> int:
+    return _checked_int(layer[key], key)
+
+
 def _ints(layer: dict, key: str) -> tuple[int, ...]:
-    return tuple(_int({key: v}, key) for v in layer[key])
+    return tuple(_checked_int(v, key) for v in layer[key])
 
 
 def _build(layer: dict, reader: _Reader) -> nn.Module:
@@ -166,7 +171,8 @@ def _load_weights(module: nn.Module, layer: dict, reader: _Reader) -> None:
     exp_bits, sig_bits = _int(layer, "exponent_bits"), _int(layer, "significand_bits")
     e_max, count = _int(layer, "e_max"), _int(layer, "count")
     if count != module.weight.numel():
-        raise ValueError(f"malformed bclib compressed model: count {count} for a weight of shape {tuple(module.weight.shape)}")
+        shape = tuple(module.weight.shape)
+        raise ValueError(f"malformed bclib compressed model: count {count} for a weight of shape {shape}")
     if not (0 <= sig_bits <= MAX_SIGNIFICAND_BITS and (1 if count else 0) <= exp_bits <= MAX_EXPONENT_BITS):
         raise ValueError(
             f"bit widths out of range: exponent {exp_bits} (1..{MAX_EXPONENT_BITS}), "

@@ -83,6 +83,8 @@ def train(
         opt.load_state_dict(state["optimizer"])
         history = state["history"]
         torch.set_rng_state(state["rng"])
+        if "data_rng" in state:
+            train_batches.generator.set_state(state["data_rng"])
     layers = bayesian_layers(model)
     n_data = n_data or _count(train_batches)
     for epoch in range(len(history), epochs):
@@ -113,6 +115,8 @@ def train(
         if state_path is not None:
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "history": history,
                      "rng": torch.get_rng_state()}  # fmt: skip
+            if isinstance(getattr(train_batches, "generator", None), torch.Generator):
+                state["data_rng"] = train_batches.generator.get_state()
             atomic_save(state, state_path)
         if progress:
             tqdm.write(_describe(record))

@@ -26,15 +26,19 @@ from bclib.reproduce import quantized
 PRUNED = {"lenet_300_100": [0.6, 0.5, 0.3], "lenet5_caffe": [0.4, 0.5, 0.5, 0.3]}
 
 
-def sparse_model(arch: str, seed: int = 0) -> tuple[nn.Sequential, list[float]]:
-    """A Bayesian LeNet with some groups' ``log_alpha = z_logvar - log z_mu^2`` set to ~4, and thresholds 0."""
+def sparse_model(arch: str, prior: str = "nj", seed: int = 0) -> tuple[nn.Sequential, list[float]]:
+    """A Bayesian LeNet with some groups' ``log_alpha`` set high by hand (> 3), and thresholds 0.
+
+    Normal-Jeffreys: ``log_alpha = z_logvar - log z_mu^2``; horseshoe: ``log(exp(v) - 1)`` with
+    ``v`` a quarter of the summed variances of ``log z``'s parts, ``a``'s included.
+    """
     torch.manual_seed(seed)
-    model = models.build(arch, "nj").eval()
+    model = models.build(arch, prior).eval()
     layers = models.bayesian_layers(model)
     with torch.no_grad():
         for layer, share in zip(layers, PRUNED[arch]):
-            z_logvar = layer.scale.z_logvar
-            z_logvar[torch.rand(z_logvar.shape) < share] = 4.0
+            logvar = layer.scale.z_logvar if prior == "nj" else layer.scale.a_logvar
+            logvar[torch.rand(logvar.shape) < share] = 4.0
     return model, [0.0] * len(layers)
 
 
@@ -74,9 +78,9 @@ def test_loader_limits_match_precision() -> None:
     assert (lc.MAX_EXPONENT_BITS, lc.MAX_SIGNIFICAND_BITS) == (precision.MAX_EXPONENT_BITS, precision.MAX_SIGNIFICAND_BITS)
 
 
-@pytest.mark.parametrize("arch", ["lenet_300_100", "lenet5_caffe"])
-def test_round_trip_matches_quantized_pruned_net(arch: str, tmp_path: Path) -> None:
-    model, thresholds = sparse_model(arch)
+@pytest.mark.parametrize("arch, prior", [("lenet_300_100", "nj"), ("lenet5_caffe", "nj"), ("lenet5_caffe", "hs")])
+def test_round_trip_matches_quantized_pruned_net(arch: str, prior: str, tmp_path: Path) -> None:
+    model, thresholds = sparse_model(arch, prior)
     ref = reference(model, thresholds)
     size = export_compressed(model, thresholds, tmp_path / "net.bclb")
     net = load_compressed(tmp_path / "net.bclb")
@@ -112,6 +116,13 @@ def test_overwrites_existing_file(exported: tuple, tmp_path: Path) -> None:
     export_compressed(model, thresholds, path)
     assert path.read_bytes()[:4] == lc.MAGIC
     assert [p.name for p in tmp_path.iterdir()] == ["net.bclb"]
+
+
+def test_unsupported_layer_writes_nothing(tmp_path: Path) -> None:
+    model = models.to_bayesian(nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(12, 3)))
+    with pytest.raises(TypeError, match="stores Linear, Conv2d"):
+        export_compressed(model, [0.0, 0.0], tmp_path / "net.bclb")
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- damaged files ----------------------------------------------------------------------
@@ -158,7 +169,7 @@ def test_body_flip_reports_crc(exported: tuple, tmp_path: Path) -> None:
 
 
 def test_trailing_bytes(exported: tuple, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="altered or corrupt"):
+    with pytest.raises(ValueError, match="altered or corrupt: 1 bytes after the end"):
         load_bytes(exported[2].read_bytes() + b"\0", tmp_path)
 
 
@@ -180,20 +191,33 @@ def test_rewrite_spec_helper_keeps_file_valid(exported: tuple, tmp_path: Path) -
     assert_same_weights(net, reference(model, thresholds))
 
 
-@pytest.mark.parametrize("key, value", [("exponent_bits", 9), ("exponent_bits", 0), ("significand_bits", 24), ("significand_bits", -1)])
+def first_linear(spec: dict) -> dict:
+    return next(layer for layer in spec["layers"] if layer["type"] == "linear")
+
+
+@pytest.mark.parametrize(
+    "key, value", [("exponent_bits", 9), ("exponent_bits", 0), ("significand_bits", 24), ("significand_bits", -1)]
+)
 def test_bits_out_of_range(exported: tuple, tmp_path: Path, key: str, value: int) -> None:
-    def edit(spec: dict) -> None:
-        next(layer for layer in spec["layers"] if layer["type"] == "linear")[key] = value
-
     with pytest.raises(ValueError, match="bit widths out of range"):
-        load_bytes(rewrite_spec(exported[2].read_bytes(), edit), tmp_path)
+        load_bytes(rewrite_spec(exported[2].read_bytes(), lambda spec: first_linear(spec).update({key: value})), tmp_path)
 
 
-def test_malformed_spec(exported: tuple, tmp_path: Path) -> None:
-    def edit(spec: dict) -> None:
-        del next(layer for layer in spec["layers"] if layer["type"] == "linear")["e_max"]
-
-    with pytest.raises(ValueError, match="malformed"):
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda spec: first_linear(spec).pop("e_max"), "malformed"),
+        (lambda spec: first_linear(spec).update(e_max=1.5), "malformed"),
+        (lambda spec: first_linear(spec).update(out_features=-1), "malformed"),
+        (lambda spec: first_linear(spec).update(count=7), "malformed"),
+        (lambda spec: spec.pop("layers"), "no layer list"),
+        (lambda spec: spec["layers"].append({"type": "softmax"}), "unknown layer type 'softmax'"),
+        (lambda spec: spec["layers"].pop(), "not described by the spec"),
+    ],
+    ids=["missing-key", "float", "negative-size", "wrong-count", "no-layers", "unknown-type", "short-spec"],
+)
+def test_malformed_spec(exported: tuple, tmp_path: Path, edit: Callable[[dict], None], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
         load_bytes(rewrite_spec(exported[2].read_bytes(), edit), tmp_path)
 
 
@@ -216,7 +240,8 @@ def test_loads_without_bclib(exported: tuple, tmp_path: Path) -> None:
     )
     args = [str(tmp_path), str(path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-I", "-c", script, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-I", "-c", script, *args]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     with torch.no_grad():
         torch.testing.assert_close(torch.load(tmp_path / "y.pt"), reference(model, thresholds)(x), atol=1e-5, rtol=0)

@@ -223,3 +223,10 @@ def test_bad_constructor_arguments():
         layers.LinearGroupHS(3, 2, tau0=0.0)
     with pytest.raises(ValueError, match="clip_var"):
         layers.LinearGroupNJ(3, 2, clip_var=-1.0)
+
+
+def test_fused_std_normal_kl_sum_matches_autograd():
+    mu = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    logvar = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(kl.kl_std_normal_sum, (mu, logvar))
+    torch.testing.assert_close(kl.kl_std_normal_sum(mu, logvar), kl.kl_std_normal(mu, logvar).sum())
