@@ -8,7 +8,8 @@ layer (the conv -> fc hand-over); a filter whose features are all pruned downstr
 
 Bit precision (paper sec. 4): a weight needs the significand bits whose resolution ``2^-t``
 is coarser than twice its posterior variance; a layer takes the mean over its kept weights,
-rounded up. The exponent needs enough bits for the largest kept weight, plus one sign bit.
+rounded up. The exponent needs enough bits to span from the largest kept weight down to
+that resolution, plus one sign bit.
 """
 from __future__ import annotations
 
@@ -123,16 +124,21 @@ def significand_bits(variance: torch.Tensor) -> torch.Tensor:
     return (2.0 * variance.double().reshape(-1, 1) < torch.pow(2.0, -t)).sum(1)
 
 
-def exponent_bits(max_abs: float) -> int:
-    """Bits for the exponent of the largest weight, its sign included: ``ceil(log2(|e| + 1) + 1)``.
+def exponent_bits(max_abs: float, significand: int) -> int:
+    """Exponent bits that reach from the largest weight down to the significand's resolution.
 
-    ``e = floor(log2 max|w|)``; this equals the tutorial's ``ceil(log2(log2(max|w|) + 1) + 1)``
-    for ``max|w| >= 1`` and stays defined for smaller weights.
+    The significand bits were chosen so that ``2^-S`` is the finest step the posterior
+    justifies, so a weight below ``2^-S`` may be stored as zero. The exponents in use then run
+    from ``e_max = floor(log2 max|w|)`` down to ``-S``: ``L = e_max + S + 1`` values, plus
+    one code for zero (see :mod:`bclib.precision`), so ``ceil(log2(L + 1))`` bits.
+
+    The public tutorial's ``ceil(log2(log2(max|w|) + 1) + 1)`` counts only the bits of the
+    largest exponent; under a decoder like ours it sets most small weights to zero.
     """
     if not max_abs > 0:
         return 1
-    e = abs(math.floor(math.log2(max_abs)))
-    return max(1, math.ceil(math.log2(e + 1) + 1))
+    levels = max(1, math.floor(math.log2(max_abs)) + significand + 1)
+    return max(1, math.ceil(math.log2(levels + 1)))
 
 
 @torch.no_grad()
@@ -146,7 +152,7 @@ def bit_precision(model: nn.Module, masks: Sequence[LayerMask]) -> list[LayerBit
             out.append(LayerBits(0, 0))
             continue
         sig = math.ceil(significand_bits(var).double().mean().item())
-        out.append(LayerBits(exponent_bits(mean.abs().max().item()), sig))
+        out.append(LayerBits(exponent_bits(mean.abs().max().item(), sig), sig))
     return out
 
 

@@ -105,9 +105,9 @@ def _as_image(v: np.ndarray, shape: tuple[int, int], what: str) -> np.ndarray:
 
 
 # --- static figures ---------------------------------------------------------------------
-def _layer_vmax(snaps: Sequence[Snapshot], layer: int) -> float:
-    """A robust colour limit: the 99th percentile of |E[w]| of the last snapshot's kept weights."""
-    kept = np.abs(snaps[-1].masked_weights(layer))
+def _layer_vmax(snap: Snapshot, layer: int) -> float:
+    """A robust colour limit: the 99th percentile of |E[w]| over the kept weights."""
+    kept = np.abs(snap.masked_weights(layer))
     kept = kept[np.isfinite(kept)]
     return float(np.percentile(kept, 99)) if kept.size else 1.0
 
@@ -128,6 +128,8 @@ def plot_weight_heatmaps(
 
     ``signed=True`` uses a diverging map centred on 0, else ``|E[w]|`` on a sequential map.
     ``vmax`` fixes each layer's colour limit (default: the 99th percentile of its kept |E[w]|).
+    Matrices larger than a panel are drawn antialiased, so that thin grey stripes (pruned
+    rows and columns) show as lighter bands instead of disappearing between pixels.
     """
     n = len(snap.weights)
     if axes is None:
@@ -136,9 +138,10 @@ def plot_weight_heatmaps(
     cmap = mpl.colormaps["RdBu_r" if signed else "magma_r"].with_extremes(bad=PRUNED_COLOR)
     images = []
     for i, ax in enumerate(axes):
-        lim = vmax[i] if vmax is not None else _layer_vmax([snap], i)
+        lim = vmax[i] if vmax is not None else _layer_vmax(snap, i)
+        w = snap.masked_weights(i, signed)
         im = ax.imshow(
-            snap.masked_weights(i, signed), cmap=cmap, aspect="auto",
+            w, cmap=cmap, aspect="auto", interpolation="nearest" if max(w.shape) <= 150 else "antialiased",
             vmin=-lim if signed else 0.0, vmax=lim,
         )  # fmt: skip
         ax.set_title(_heatmap_title(snap, i), fontsize=9)
@@ -193,20 +196,29 @@ def animate_training(
     interval: int = 600,
     dpi: int = 60,
     figsize: Optional[tuple[float, float]] = None,
+    fixed_colors: bool = False,
 ) -> FuncAnimation:
-    """Weight heatmaps of every layer, one frame per snapshot (colour limits fixed over frames)."""
+    """Weight heatmaps of every layer, one frame per snapshot.
+
+    Each frame scales its colours to its own weights (readable even when the kept weights
+    grow during training); ``fixed_colors=True`` uses the last snapshot's limits throughout,
+    so that growth and shrinkage of the weights show as changes of colour.
+    """
     _check(snaps)
     names = _labels(snaps, labels)
     n = len(snaps[0].weights)
     fig, axes = plt.subplots(1, n, figsize=figsize or (3.4 * n, 3.3), dpi=dpi, constrained_layout=True)
     axes = np.atleast_1d(axes)
-    vmax = [_layer_vmax(snaps, i) for i in range(n)]
-    images = plot_weight_heatmaps(snaps[0], axes, signed, vmax)
+    fixed = [_layer_vmax(snaps[-1], i) for i in range(n)] if fixed_colors else None
+    images = plot_weight_heatmaps(snaps[0], axes, signed, fixed)
     suptitle = fig.suptitle(names[0])
 
     def update(k: int) -> list[Any]:
         for i, (im, ax) in enumerate(zip(images, axes)):
             im.set_data(snaps[k].masked_weights(i, signed))
+            if fixed is None:
+                lim = _layer_vmax(snaps[k], i)
+                im.set_clim(-lim if signed else 0.0, lim)
             ax.set_title(_heatmap_title(snaps[k], i), fontsize=9)
         suptitle.set_text(names[k])
         return [*images, suptitle]
