@@ -273,7 +273,8 @@ def search_thresholds(
 
     ``accuracy_of(net)`` scores a pruned plain network (use held-out data, not the test set).
     Layers are visited from the one with most weights down; each threshold is lowered along
-    the quantiles of that layer's ``log_alpha`` while the accuracy stays within budget.
+    the quantiles of that layer's ``log_alpha`` while the accuracy stays within budget. Each
+    candidate lies midway between two groups' ``log_alpha``, so rounding it changes nothing.
     """
     layers = _layers_of(model)
     keep_all = [layer.log_alpha.max().item() + 1.0 for layer in layers]
@@ -283,7 +284,9 @@ def search_thresholds(
     qs = torch.linspace(1.0, 0.0, candidates)
     for _ in range(passes):
         for i in order:
-            grid = torch.quantile(layers[i].log_alpha.detach().float().cpu(), qs).tolist()
+            la = layers[i].log_alpha.detach().float().cpu().sort().values
+            pos = torch.quantile(torch.arange(len(la), dtype=torch.float), qs).long().clamp(min=1)
+            grid = ((la[pos] + la[pos - 1]) / 2).tolist()
             for t in grid:
                 if t >= thresholds[i]:
                     continue

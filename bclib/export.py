@@ -12,8 +12,6 @@ documents the format.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Iterator, Sequence, Union
@@ -24,6 +22,7 @@ import torch.fx
 from torch import nn
 
 from . import precision
+from .atomic import atomic_write
 from .compression import LayerBits, compression_report, prune
 from .load_compressed import FORMAT_VERSION, HEADER, LENGTHS, MAGIC
 
@@ -42,7 +41,7 @@ def export_compressed(bayes_model: nn.Sequential, thresholds: Sequence[float], p
     payload = b"".join(r[1] for r in records)
     body = LENGTHS.pack(len(spec), len(payload)) + spec + payload
     data = HEADER.pack(MAGIC, FORMAT_VERSION, zlib.crc32(body)) + body
-    _write_atomic(data, Path(path))
+    atomic_write(path, lambda f: f.write(data))
     return len(data)
 
 
@@ -117,17 +116,3 @@ def _pack_bits(words: np.ndarray, width: int) -> bytes:
     bits = np.unpackbits(words.astype(">u4").view(np.uint8).reshape(-1, 4), axis=1)
     return np.packbits(bits[:, 32 - width :]).tobytes()
 
-
-def _write_atomic(data: bytes, path: Path) -> None:
-    """Write to a temporary file beside ``path``, then rename: never a half-written model."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -17,7 +17,7 @@ _HALF_LOG_2 = 0.5 * math.log(2.0)
 
 
 def kl_log_uniform(log_alpha: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, alpha mu^2) || p(z) ∝ 1/|z|), approximately (paper eq. 8, Sparse VD eq. 14).
+    """KL(N(mu, alpha mu^2) || p(z) ∝ 1/|z|), approximately (paper eq. 9, Sparse VD eq. 14).
 
     The prior is improper, so the KL is defined up to a constant; this one is fixed so
     that the KL tends to 0 as ``alpha -> inf`` (a group that carries no information).
@@ -27,7 +27,7 @@ def kl_log_uniform(log_alpha: torch.Tensor) -> torch.Tensor:
 
 
 def kl_std_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """KL(N(mu, exp(logvar)) || N(0, 1)) (paper eq. 9 for the weights given z), element-wise."""
+    """KL(N(mu, exp(logvar)) || N(0, 1)) (paper eq. 8 for the weights given z), element-wise."""
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
 
 
@@ -58,8 +58,9 @@ def kl_std_normal_sum(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 def kl_lognormal_gamma(mu: torch.Tensor, logvar: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """KL(LogNormal(mu, exp(logvar)) || Gamma(shape=1/2, scale)), exact.
 
-    Used for the horseshoe's non-centred scales (paper eq. 11-12): ``s_a`` with
-    ``scale = tau0**2`` and the local ``alpha_i`` with ``scale = 1``.
+    Used for the horseshoe's non-centred scales (the paper's Gamma / inverse-Gamma split of
+    each half-Cauchy scale): ``s_a`` with ``scale = tau0**2`` and the local ``alpha_i``
+    with ``scale = 1``.
     """
     mean = torch.exp(mu + 0.5 * logvar.exp())
     return 0.5 * math.log(scale) + mean / scale - 0.5 * (mu + logvar + 1.0) - _HALF_LOG_2

@@ -6,7 +6,7 @@ Every weight of group ``i`` shares a scale ``z_i`` (see :mod:`bclib.scales`):
   of a network's first layer are its input features, e.g. pixels);
 - convolutional: one group per **output** filter, ``w_f = z_f * w~_f``.
 
-Given ``z`` the weights have the posterior ``q(w~) = N(mu, sigma^2)`` (paper eq. 7). Training
+Given ``z`` the weights have the posterior ``q(w~) = N(mu, sigma^2)`` (paper eq. 6). Training
 uses the local reparameterisation trick (Kingma et al., 2015): ``z`` is drawn once per
 example and the pre-activations, which are Gaussian given ``z``, are sampled instead of the
 weights. In ``eval()`` mode the layer is deterministic and uses the posterior means

@@ -14,7 +14,6 @@ import copy
 import json
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from . import compression, data, models, precision
+from .atomic import atomic_write
 from .config import default_device, fast_mode, seed_everything
 from .train import evaluate, load_checkpoint, save_checkpoint, train
 
@@ -41,15 +41,12 @@ def _settings(arch: str, fast: bool) -> dict[str, int]:
     if fast:
         return {"pre_epochs": 1, "epochs": 2, "warmup": 1, "train_limit": 6000}
     if arch == "lenet_300_100":
-        return {"pre_epochs": 20, "epochs": 50, "warmup": 5, "train_limit": 0}
-    return {"pre_epochs": 5, "epochs": 15, "warmup": 3, "train_limit": 0}
+        return {"pre_epochs": 20, "epochs": 100, "warmup": 5, "train_limit": 0}
+    return {"pre_epochs": 5, "epochs": 30, "warmup": 3, "train_limit": 0}
 
 
 def _atomic_json(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
 def _split(limit: int, batch_size: int, seed: int):
@@ -62,6 +59,12 @@ def _split(limit: int, batch_size: int, seed: int):
     val_b = data.TensorBatches(x[-n_val:], y[-n_val:], 1000)
     xt, yt = data.load_mnist(False)
     return train_b, val_b, data.TensorBatches(xt, yt, 1000)
+
+
+def _describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
 def quantized(net: torch.nn.Module, bits: list[compression.LayerBits]) -> torch.nn.Module:
@@ -82,7 +85,6 @@ def run(arch: str, prior: str, out: Path, fast: bool, seed: int = 1, batch_size:
         return json.loads(result_path.read_text())
     s = _settings(arch, fast)
     device = default_device()
-    t0 = time.time()
     train_b, val_b, test_b = _split(s["train_limit"], batch_size, seed)
     train_b.to(device), val_b.to(device), test_b.to(device)
     n_train = len(train_b.x)
@@ -105,13 +107,14 @@ def run(arch: str, prior: str, out: Path, fast: bool, seed: int = 1, batch_size:
         plain.to(device)
         history = train(bayes, train_b, s["epochs"], n_data=n_train, kl_warmup=s["warmup"], test_batches=test_b,
                         state_path=out / "state" / f"{arch}-{prior}.state.pt")  # fmt: skip
-        save_checkpoint(bayes_path, bayes, arch, prior, half=True, seed=seed, epochs=s["epochs"], history=history)
+        save_checkpoint(bayes_path, bayes, arch, prior, half=True, seed=seed, history=history, settings=s)
     # Everything below reads the shipped (float16) checkpoint, so its numbers are the file's.
     bayes, meta = load_checkpoint(bayes_path)
     bayes = bayes.to(device)
     history = meta["history"]
     bayes_acc = evaluate(bayes, test_b)
 
+    t0 = time.perf_counter()
     thresholds = compression.search_thresholds(bayes, lambda net: evaluate(net, val_b))
     report = compression.compression_report(bayes, thresholds)
     pruned = compression.prune(bayes, thresholds)
@@ -120,15 +123,17 @@ def run(arch: str, prior: str, out: Path, fast: bool, seed: int = 1, batch_size:
     torch.save(pruned.cpu(), out / f"{arch}-{prior}-pruned.pt")
 
     result = {
-        "arch": arch, "prior": prior, "seed": seed, "fast": fast, **s,
+        "arch": arch, "prior": prior, "seed": seed, "fast": fast, **meta.get("settings", s),
+        "epochs": len(history),
         "error_plain": 100 * (1 - plain_acc),
         "error_bayes": 100 * (1 - bayes_acc),
         "error_pruned": 100 * (1 - pruned_acc),
         "error_compressed": 100 * (1 - quant_acc),
         "thresholds": thresholds,
         **report.as_dict(),
-        "seconds": time.time() - t0 + sum(h["seconds"] for h in history),
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "train_seconds": sum(h["seconds"] for h in history),
+        "compress_seconds": time.perf_counter() - t0,
+        "device": _describe_device(device),
         "torch": torch.__version__,
     }  # fmt: skip
     _atomic_json(result, result_path)

@@ -26,7 +26,7 @@ def _normal_init(shape: tuple[int, ...], mean: float, std: float = 1e-2) -> nn.P
 
 
 class NormalJeffreysScale(nn.Module):
-    """Group normal-Jeffreys: ``p(z) ∝ 1/|z|``, ``q(z_i) = N(mu_i, sigma_i^2)`` (paper eq. 6-8).
+    """Group normal-Jeffreys: ``p(z) ∝ 1/|z|``, ``q(z_i) = N(mu_i, sigma_i^2)`` (paper eqs. 4, 6, 9).
 
     ``log_alpha_i = log sigma_i^2 - log mu_i^2``; the KL uses the Sparse VD approximation.
     """
@@ -57,7 +57,7 @@ class NormalJeffreysScale(nn.Module):
 
 
 class HorseshoeScale(nn.Module):
-    """Group horseshoe (BC-GHS), non-centred: ``z_i = s * z~_i`` (paper eq. 10-12).
+    """Group horseshoe (BC-GHS), non-centred: ``z_i = s * z~_i`` (the paper's group horseshoe).
 
     ``s ~ C+(0, tau0)`` is the layer's global scale and ``z~_i ~ C+(0, 1)`` the local
     one. Each half-Cauchy is split into a Gamma and an inverse Gamma factor,

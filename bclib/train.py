@@ -1,9 +1,7 @@
 """The variational objective, a seeded training loop, evaluation and atomic checkpoints."""
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -14,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write
 from .models import bayesian_layers, build, kl_divergence
 
 CHECKPOINT_FORMAT = "bclib-checkpoint-v1"
@@ -22,7 +21,7 @@ CHECKPOINT_FORMAT = "bclib-checkpoint-v1"
 def elbo_loss(
     model: nn.Module, logits: torch.Tensor, y: torch.Tensor, n_data: int, kl_weight: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Negative ELBO per example (paper eq. 3): ``CE + kl_weight * KL / N``.
+    """Negative ELBO per example (paper eqs. 1 and 7): ``CE + kl_weight * KL / N``.
 
     Returns ``(loss, cross_entropy, kl)``; for a plain network the KL is 0.
     """
@@ -137,17 +136,8 @@ def _describe(r: dict[str, float]) -> str:
 
 # --- checkpoints ------------------------------------------------------------------------
 def atomic_save(obj: Any, path: Path | str) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """``torch.save`` that never leaves a half-written file (see :mod:`bclib.atomic`)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _torch_load(path: Path | str) -> Any:
@@ -168,11 +158,17 @@ def save_checkpoint(
 ) -> None:
     """Save a model built by ``bclib.models.build(arch, prior)`` with metadata (atomically).
 
-    ``half=True`` stores the tensors as float16 (half the size; they load back as float32).
+    ``half=True`` stores the weights' parameters as float16 (half the size; they load back as
+    float32). The few per-group scale parameters stay float32: the horseshoe's log-scales
+    sit near +-2 log(tau0), where float16 is too coarse.
     """
-    dtype = torch.float16 if half else torch.float32
+
+    def stored(name: str, v: torch.Tensor) -> torch.Tensor:
+        v = v.detach().cpu()
+        return v.half() if half and ".scale." not in name else v.float()
+
     state = {"format": CHECKPOINT_FORMAT, "arch": arch, "prior": prior, "meta": meta,
-             "state_dict": {k: v.detach().cpu().to(dtype) for k, v in model.state_dict().items()}}  # fmt: skip
+             "state_dict": {k: stored(k, v) for k, v in model.state_dict().items()}}  # fmt: skip
     atomic_save(state, path)
 
 

@@ -87,15 +87,15 @@ def snapshot(model: nn.Module, thresholds: Sequence[float], epoch: int = 0) -> S
 
 def pixel_mask(snap: Snapshot, shape: tuple[int, int] = MNIST_SHAPE) -> np.ndarray:
     """The first layer's kept input features (pixels) as a boolean image."""
-    return _as_image(snap.kept_inputs[0], shape, "kept inputs")
+    return _as_image(snap.kept_inputs[0], shape)
 
 
 def log_alpha_image(snap: Snapshot, shape: tuple[int, int] = MNIST_SHAPE) -> np.ndarray:
     """The first layer's per-pixel ``log_alpha`` as an image (high = the pixel is noise)."""
-    return _as_image(snap.log_alpha[0], shape, "log_alpha")
+    return _as_image(snap.log_alpha[0], shape)
 
 
-def _as_image(v: np.ndarray, shape: tuple[int, int], what: str) -> np.ndarray:
+def _as_image(v: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     if v.size != math.prod(shape):
         raise ValueError(
             f"the first layer has {v.size} input groups, not {math.prod(shape)} pixels of {shape}: "
@@ -113,9 +113,9 @@ def _layer_vmax(snap: Snapshot, layer: int) -> float:
 
 
 def _heatmap_title(snap: Snapshot, layer: int) -> str:
-    n_in, n_out = snap.weights[layer].shape[1], snap.weights[layer].shape[0]
     k_in, k_out = snap.architecture[layer]
-    return f"layer {layer + 1}: in {k_in}/{len(snap.kept_inputs[layer])}, out {k_out}/{n_out}"
+    n_in, n_out = len(snap.kept_inputs[layer]), len(snap.kept_outputs[layer])
+    return f"layer {layer + 1}: in {k_in}/{n_in}, out {k_out}/{n_out}"
 
 
 def plot_weight_heatmaps(
@@ -156,7 +156,7 @@ def plot_pixel_mask(
     snap: Snapshot,
     axes: Optional[Sequence[Axes]] = None,
     shape: tuple[int, int] = MNIST_SHAPE,
-    alpha_range: tuple[float, float] = (-10.0, 6.0),
+    alpha_range: tuple[float, float] = (-10.0, 10.0),
 ) -> list[AxesImage]:
     """Two panels: the first layer's ``log_alpha`` per pixel, and the pixels that are kept."""
     if axes is None:
@@ -194,7 +194,7 @@ def animate_training(
     signed: bool = True,
     labels: Optional[Sequence[str]] = None,
     interval: int = 600,
-    dpi: int = 60,
+    dpi: int = 72,
     figsize: Optional[tuple[float, float]] = None,
     fixed_colors: bool = False,
 ) -> FuncAnimation:
@@ -230,7 +230,7 @@ def animate_pixel_mask(
     snaps: Sequence[Snapshot],
     labels: Optional[Sequence[str]] = None,
     interval: int = 600,
-    dpi: int = 60,
+    dpi: int = 72,
     shape: tuple[int, int] = MNIST_SHAPE,
 ) -> FuncAnimation:
     """The first layer's per-pixel ``log_alpha`` and kept-pixel mask, one frame per snapshot."""

@@ -85,7 +85,7 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
     train.atomic_save({"a": 1}, path)
 
     def broken_save(obj, f):
-        open(f, "wb").write(b"half")
+        f.write(b"half")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
