@@ -48,26 +48,30 @@ def test_compression_rates_by_hand():
     assert report.rate_pruning == pytest.approx(before / kept)
     # Var(w) ~= Var(z) mu^2 = e^-5 * 0.5625, 2 Var(w) = 7.58e-3 < 2^-t for t in 1..7
     assert [b.significand for b in report.bits] == [7, 7, 7]
-    # max|w| = 0.75: exponents -1 .. -7 (7 values) plus zero -> 3 bits
-    assert [b.exponent for b in report.bits] == [3, 3, 3]
-    assert report.rate_precision == pytest.approx(32 * before / (kept * (1 + 3 + 7)))
+    # every |w| = 0.75 lies beyond its std: one exponent (-1) plus zero -> 1 bit
+    assert [b.exponent for b in report.bits] == [1, 1, 1]
+    assert report.rate_precision == pytest.approx(32 * before / (kept * (1 + 1 + 7)))
 
 
 def test_significand_and_exponent_bits():
     assert compression.significand_bits(torch.tensor([1.0, 2.0**-6, 1e-30])).tolist() == [0, 4, 23]
-    assert compression.exponent_bits(1.2, 8) == 4  # exponents 0 .. -8 and zero: 10 codes
-    assert compression.exponent_bits(0.3, 2) == 1  # exponents -2 .. -2 and zero
-    assert compression.exponent_bits(0.0, 5) == 1
+    assert compression.exponent_bits(1.2, 2.0**-8) == 4  # exponents 0 .. -8 and zero: 10 codes
+    assert compression.exponent_bits(0.3, 0.26) == 1  # exponent -2 only, and zero
+    assert compression.exponent_bits(0.3, 0.0) == 1  # no lower bound: the largest exponent only
+    assert compression.exponent_bits(0.0, 0.0) == 1
 
 
-def test_bits_keep_weights_above_the_resolution():
-    """Rounding with the chosen bits changes no weight by more than the resolution 2^-S."""
+def test_bits_keep_weights_down_to_min_abs():
+    """Weights of at least min_abs keep S significand bits; only smaller ones may flush to zero."""
     torch.manual_seed(0)
     w = torch.randn(10000) * 0.3
+    low = 0.01
     for s_bits in (2, 5, 9):
-        e_bits = compression.exponent_bits(w.abs().max().item(), s_bits)
-        err = (precision.round_to_bits(w, e_bits, s_bits) - w).abs()
-        assert err.max() <= 2.0**-s_bits
+        e_bits = compression.exponent_bits(w.abs().max().item(), low)
+        r = precision.round_to_bits(w, e_bits, s_bits)
+        big = w.abs() >= low
+        assert ((r - w).abs()[big] <= w.abs()[big] * 2.0 ** -(s_bits + 1) + 1e-7).all()
+        assert (r[~big].abs() <= 2 * low).all()
 
 
 def _masked_equals_pruned(net, thresholds, x):

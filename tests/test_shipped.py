@@ -1,0 +1,40 @@
+"""The shipped runs in results/: each checkpoint reproduces the errors its JSON records."""
+import json
+
+import pytest
+import torch
+
+from bclib import compression, reproduce
+from bclib.config import data_dir, results_dir
+from bclib.data import TensorBatches, load_mnist
+from bclib.train import evaluate, load_checkpoint
+
+RUNS = sorted(p.stem for p in results_dir().glob("*-*.json"))
+pytestmark = pytest.mark.skipif(
+    not (data_dir() / "MNIST" / "raw" / "t10k-images-idx3-ubyte").exists(), reason="MNIST not in BCLIB_DATA"
+)
+
+
+@pytest.fixture(scope="module")
+def test_batches():
+    return TensorBatches(*load_mnist(train=False), batch_size=1000)
+
+
+def test_all_four_runs_are_shipped():
+    assert RUNS == ["lenet5_caffe-hs", "lenet5_caffe-nj", "lenet_300_100-hs", "lenet_300_100-nj"]
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_shipped_run_reproduces_its_errors(run, test_batches):
+    r = json.loads((results_dir() / f"{run}.json").read_text())
+    bayes, meta = load_checkpoint(results_dir() / f"{run}.pt")
+    assert (meta["arch"], meta["prior"]) == (r["arch"], r["prior"])
+    error = lambda net: 100 * (1 - evaluate(net, test_batches))  # noqa: E731
+    assert error(bayes) == pytest.approx(r["error_bayes"], abs=0.011)
+    report = compression.compression_report(bayes, r["thresholds"])
+    assert report.rate_precision == pytest.approx(r["rate_precision"], rel=1e-6)
+    pruned = compression.prune(bayes, r["thresholds"])
+    assert error(pruned) == pytest.approx(r["error_pruned"], abs=0.011)
+    assert error(reproduce.quantized(pruned, report.bits)) == pytest.approx(r["error_compressed"], abs=0.011)
+    shipped = torch.load(results_dir() / f"{run}-pruned.pt", weights_only=False)
+    assert error(shipped) == pytest.approx(r["error_pruned"], abs=0.011)
