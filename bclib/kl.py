@@ -41,13 +41,14 @@ class _StdNormalKLSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(mu, logvar)
-        return 0.5 * (torch.dot(mu.flatten(), mu.flatten()) + (logvar.exp() - logvar).sum() - mu.numel())
+        var = logvar.exp()
+        ctx.save_for_backward(mu, var)
+        return 0.5 * (torch.dot(mu.flatten(), mu.flatten()) + (var - logvar).sum() - mu.numel())
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        mu, logvar = ctx.saved_tensors
-        return grad * mu, grad * 0.5 * torch.expm1(logvar)
+        mu, var = ctx.saved_tensors
+        return grad * mu, (0.5 * grad) * (var - 1.0)  # exp - 1, not expm1: several times faster on CPU
 
 
 def kl_std_normal_sum(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
