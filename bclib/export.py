@@ -29,7 +29,7 @@ from .load_compressed import FORMAT_VERSION, HEADER, LENGTHS, MAGIC
 Record = tuple[dict, bytes]  # a layer's spec entry and its payload chunk
 
 
-def export_compressed(bayes_model: nn.Sequential, thresholds: Sequence[float], path: Union[str, os.PathLike]) -> int:
+def export_compressed(bayes_model: nn.Sequential, thresholds: Sequence[float], path: Union[str, Path]) -> int:
     """Write ``bayes_model`` pruned at ``thresholds`` (one ``log_alpha`` per group layer); returns the file's size in bytes.
 
     The file holds ``prune(bayes_model, thresholds)`` with every weight rounded as
