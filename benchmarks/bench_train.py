@@ -5,6 +5,12 @@
 Each network is trained with the same loop (bclib.train.train: Adam, lr 1e-3, batch 128,
 data preloaded as tensors) on the same random MNIST-shaped batches. Rounds alternate between
 the networks, so machine load hits all of them alike; the median time per step is reported.
+
+It also times the matrix products alone (forward and backward of every linear/conv layer, no
+element-wise work, no optimiser): one per layer for the plain net, two (means and variances)
+for the Bayesian one, whose first layer also needs its input gradients because ``z`` scales
+the inputs. ``(plain step - plain products + Bayesian products) / plain step`` is the ratio a
+Bayesian step would reach if everything but its products were free: a floor for the target.
 """
 from __future__ import annotations
 
@@ -13,8 +19,11 @@ import statistics
 import time
 
 import torch
+from torch import nn
 
 from bclib import data, models, train
+
+_WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def time_steps(net: torch.nn.Module, batches: data.TensorBatches) -> float:
@@ -22,6 +31,25 @@ def time_steps(net: torch.nn.Module, batches: data.TensorBatches) -> float:
     t0 = time.perf_counter()
     train.train(net, batches, 1, n_data=60000, progress=False)
     return (time.perf_counter() - t0) / len(batches)
+
+
+def products_seconds(plain: nn.Sequential, x: torch.Tensor, bayesian: bool, repeats: int = 20) -> float:
+    """Median seconds for the forward and backward products of one step (see the module doc)."""
+    inputs = []
+    hooks = [m.register_forward_hook(lambda m, i, o: inputs.append((m, i[0].detach())))
+             for m in plain.modules() if isinstance(m, _WEIGHTED)]  # fmt: skip
+    plain(x)
+    for h in hooks:
+        h.remove()
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        for i, (layer, a) in enumerate(inputs):
+            a = a.requires_grad_(bayesian or i > 0)  # a plain first layer needs no input gradient
+            outs = [layer(a), layer(a * a)] if bayesian else [layer(a)]
+            torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
 
 
 def main() -> None:
@@ -45,6 +73,11 @@ def main() -> None:
     print("| network | ms per step | ratio to plain |\n| --- | --- | --- |")
     for k, t in med.items():
         print(f"| {k} | {1000 * t:.2f} | {t / med['plain']:.2f}x |")
+    x1 = x[: args.batch_size]
+    mm_plain, mm_bayes = products_seconds(nets["plain"], x1, False), products_seconds(nets["plain"], x1, True)
+    floor = (med["plain"] - mm_plain + mm_bayes) / med["plain"]
+    print(f"\nmatrix products per step: plain {1000 * mm_plain:.2f} ms, Bayesian {1000 * mm_bayes:.2f} ms "
+          f"({mm_bayes / mm_plain:.2f}x); floor for the Bayesian step: {floor:.2f}x plain")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -38,3 +38,10 @@ def test_shipped_run_reproduces_its_errors(run, test_batches):
     assert error(reproduce.quantized(pruned, report.bits)) == pytest.approx(r["error_compressed"], abs=0.011)
     shipped = torch.load(results_dir() / f"{run}-pruned.pt", weights_only=False)
     assert error(shipped) == pytest.approx(r["error_pruned"], abs=0.011)
+    assert [p["max_drop"] for p in r["tradeoff"]] == list(reproduce.BUDGETS)
+    assert r["tradeoff"][-1]["thresholds"] == r["thresholds"]  # the headline is the last budget
+    for p in r["tradeoff"][:-1]:
+        report = compression.compression_report(bayes, p["thresholds"])
+        assert report.rate_precision == pytest.approx(p["rate_precision"], rel=1e-6)
+        quantized = reproduce.quantized(compression.prune(bayes, p["thresholds"]), report.bits)
+        assert error(quantized) == pytest.approx(p["error_compressed"], abs=0.011)
