@@ -26,7 +26,7 @@ import torch
 from . import compression, data, models, precision
 from .atomic import atomic_write
 from .config import default_device, fast_mode, seed_everything
-from .train import evaluate, load_checkpoint, save_checkpoint, train
+from .train import atomic_save, evaluate, load_checkpoint, save_checkpoint, train
 
 # Paper, Table 1 (error %, compression after pruning, after precision reduction) and the
 # pruned architectures; see ../shared/reference/paper.md for the sources.
@@ -102,7 +102,7 @@ def _compression(bayes: torch.nn.Module, val_b, test_b, pruned_path: Path) -> di
     t0 = time.perf_counter()
     tradeoff = [_compress(bayes, d, val_b, test_b) for d in BUDGETS]
     headline, pruned = tradeoff[-1]
-    torch.save(pruned.cpu(), pruned_path)
+    atomic_save(pruned.cpu(), pruned_path)
     return {**headline, "tradeoff": [point for point, _ in tradeoff], "compress_seconds": time.perf_counter() - t0}
 
 
