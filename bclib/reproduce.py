@@ -83,7 +83,7 @@ def quantized(net: torch.nn.Module, bits: list[compression.LayerBits]) -> torch.
     return net
 
 
-def _compress(bayes: torch.nn.Module, max_drop: float, val_b, test_b) -> tuple[dict[str, Any], torch.nn.Module]:
+def _compress_one(bayes: torch.nn.Module, max_drop: float, val_b, test_b) -> tuple[dict[str, Any], torch.nn.Module]:
     """Thresholds within ``max_drop`` on held-out data, then prune and round; returns (numbers, pruned net)."""
     thresholds = compression.search_thresholds(bayes, lambda net: evaluate(net, val_b), max_drop=max_drop)
     report = compression.compression_report(bayes, thresholds)
@@ -94,13 +94,13 @@ def _compress(bayes: torch.nn.Module, max_drop: float, val_b, test_b) -> tuple[d
     return point, pruned
 
 
-def _compression(bayes: torch.nn.Module, val_b, test_b, pruned_path: Path) -> dict[str, Any]:
+def _compress_all(bayes: torch.nn.Module, val_b, test_b, pruned_path: Path) -> dict[str, Any]:
     """Compress under every budget: the headline (last budget) fields, the trade-off and the time.
 
     Saves the headline's pruned plain net to ``pruned_path``.
     """
     t0 = time.perf_counter()
-    tradeoff = [_compress(bayes, d, val_b, test_b) for d in BUDGETS]
+    tradeoff = [_compress_one(bayes, d, val_b, test_b) for d in BUDGETS]
     headline, pruned = tradeoff[-1]
     atomic_save(pruned.cpu(), pruned_path)
     return {**headline, "tradeoff": [point for point, _ in tradeoff], "compress_seconds": time.perf_counter() - t0}
@@ -147,7 +147,7 @@ def run(arch: str, prior: str, out: Path, fast: bool, seed: int = 1, batch_size:
         "epochs": len(history),
         "error_plain": 100 * (1 - plain_acc),
         "error_bayes": 100 * (1 - bayes_acc),
-        **_compression(bayes, val_b, test_b, out / f"{arch}-{prior}-pruned.pt"),
+        **_compress_all(bayes, val_b, test_b, out / f"{arch}-{prior}-pruned.pt"),
         "train_seconds": sum(h["seconds"] for h in history),
         "device": _describe_device(device),
         "torch": torch.__version__,
@@ -170,7 +170,7 @@ def recompress(arch: str, prior: str, out: Path) -> dict[str, Any]:
     _, val_b, test_b = _split(result["train_limit"], 128, result["seed"])  # the training part is unused
     val_b.to(device), test_b.to(device)
     bayes, _ = load_checkpoint(bayes_path)
-    result.update(_compression(bayes.to(device), val_b, test_b, out / f"{arch}-{prior}-pruned.pt"))
+    result.update(_compress_all(bayes.to(device), val_b, test_b, out / f"{arch}-{prior}-pruned.pt"))
     _atomic_json(result, result_path)
     return result
 
