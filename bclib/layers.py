@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kl import kl_std_normal_sum
+from .lrt import linear_lrt
 from .scales import make_scale
 
 _INIT_LOGVAR = -9.0
@@ -76,6 +77,8 @@ class BayesianGroupLayer(nn.Module):
         # Optional 0/1 mask over the weights, applied in eval mode (see compression.apply_masks).
         self.weight_mask: Optional[torch.Tensor] = None
         self.bias_mask: Optional[torch.Tensor] = None
+        # Set by models.forward_with_kl: training forwards put their KL here (layer -> KL).
+        self.kl_terms: Optional[dict[nn.Module, torch.Tensor]] = None
 
     # --- posterior summaries -------------------------------------------------------------
     def _per_group(self, v: torch.Tensor) -> torch.Tensor:
@@ -156,12 +159,14 @@ class _LinearGroup(BayesianGroupLayer):
         if not self.training:
             w, b = self._eval_params()
             return F.linear(x, w, b)
-        z = self.scale.sample(x.numel() // self.in_features).view(*x.shape[:-1], self.in_features)
-        xz = x * z
-        bias_var = None if self.bias_logvar is None else self.bias_logvar.exp()
-        mean = F.linear(xz, self.weight_mu, self.bias_mu)
-        var = F.linear(xz.pow(2), self.weight_logvar.exp(), bias_var)
-        return _sample_gaussian(mean, var)
+        x2 = x.reshape(-1, self.in_features)
+        z = self.scale.sample(len(x2))
+        eps = torch.randn(len(x2), self.out_features, device=x.device, dtype=x.dtype)
+        with_kl = self.kl_terms is not None and self not in self.kl_terms
+        out, kl = linear_lrt(x2, z, self.weight_mu, self.weight_logvar, self.bias_mu, self.bias_logvar, eps, with_kl)
+        if with_kl:
+            self.kl_terms[self] = self.scale.kl() + kl
+        return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, prior={self.prior!r}"

@@ -47,6 +47,26 @@ def kl_divergence(model: nn.Module) -> torch.Tensor:
     return torch.stack([layer.kl_divergence() for layer in layers]).sum()
 
 
+def forward_with_kl(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(model(x), kl_divergence(model))``, cheaper in training mode.
+
+    There the group linear layers compute their weights' KL inside their forward pass
+    (:func:`bclib.lrt.linear_lrt`), sharing its work; the other layers add ``kl_divergence()``.
+    """
+    layers = bayesian_layers(model)
+    terms: dict[nn.Module, torch.Tensor] = {}
+    for layer in layers:
+        layer.kl_terms = terms
+    try:
+        out = model(x)
+    finally:
+        for layer in layers:
+            layer.kl_terms = None
+    if not layers:
+        return out, torch.zeros((), device=out.device)
+    return out, torch.stack([terms[m] if m in terms else m.kl_divergence() for m in layers]).sum()
+
+
 def to_bayesian(
     model: nn.Sequential, prior: str = "nj", clip_var: Optional[float] = 0.04, tau0: float = 1e-5
 ) -> nn.Sequential:

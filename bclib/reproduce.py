@@ -106,12 +106,21 @@ def _compress_all(bayes: torch.nn.Module, val_b, test_b, pruned_path: Path) -> d
     return {**headline, "tradeoff": [point for point, _ in tradeoff], "compress_seconds": time.perf_counter() - t0}
 
 
-def run(arch: str, prior: str, out: Path, fast: bool, seed: int = 1, batch_size: int = 128) -> dict[str, Any]:
-    """One row of the table; returns (and writes) its results."""
+def run(arch: str, prior: str, out: Path, fast: bool, seed: int = 1, batch_size: int = 128,
+        epochs: int | None = None) -> dict[str, Any]:
+    """One row of the table; returns (and writes) its results.
+
+    ``epochs`` overrides the Bayesian epochs of ``_settings``: with a training state from a
+    shorter run in ``out/state`` (and no finished ``<arch>-<prior>.pt``), training goes on from it.
+    """
     result_path = out / f"{arch}-{prior}.json"
     if result_path.exists():
         return json.loads(result_path.read_text())
     s = _settings(arch, fast)
+    if epochs is not None:
+        if epochs < 1:
+            raise ValueError(f"--epochs must be at least 1, got {epochs}")
+        s["epochs"] = epochs
     device = default_device()
     train_b, val_b, test_b = _split(s["train_limit"], batch_size, seed)
     train_b.to(device), val_b.to(device), test_b.to(device)
@@ -218,6 +227,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=None, help="results folder (default results/, or results-fast/)")
     ap.add_argument("--only", nargs="*", default=None, help="runs such as lenet_300_100-nj lenet5_caffe-hs")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=None,
+                    help="Bayesian epochs instead of the per-network default (resumes a shorter run's state)")
     ap.add_argument("--recompress", action="store_true",
                     help="redo only the compression of finished runs (after changing BUDGETS or the search)")
     args = ap.parse_args(argv)
@@ -229,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         runs = [r for r in runs if f"{r[0]}-{r[1]}" in args.only]
     results = []
     for arch, prior in runs:
-        r = recompress(arch, prior, out) if args.recompress else run(arch, prior, out, fast, args.seed)
+        r = recompress(arch, prior, out) if args.recompress else run(arch, prior, out, fast, args.seed, epochs=args.epochs)
         print(f"{arch}-{prior}: error {r['error_compressed']:.2f}%, x{r['rate_pruning']:.0f} pruning, "
               f"x{r['rate_precision']:.0f} with precision", flush=True)  # fmt: skip
         results.append(r)

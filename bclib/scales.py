@@ -38,7 +38,7 @@ class NormalJeffreysScale(nn.Module):
 
     def sample(self, n: int) -> torch.Tensor:
         eps = torch.randn(n, self.z_mu.numel(), device=self.z_mu.device, dtype=self.z_mu.dtype)
-        return self.z_mu + eps * torch.exp(0.5 * self.z_logvar)
+        return torch.addcmul(self.z_mu, eps, torch.exp(0.5 * self.z_logvar))
 
     @property
     def mean(self) -> torch.Tensor:

@@ -13,20 +13,28 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .atomic import atomic_write
-from .models import bayesian_layers, build, kl_divergence
+from .models import bayesian_layers, build, forward_with_kl, kl_divergence
 
 CHECKPOINT_FORMAT = "bclib-checkpoint-v1"
 
 
 def elbo_loss(
-    model: nn.Module, logits: torch.Tensor, y: torch.Tensor, n_data: int, kl_weight: float = 1.0
+    model: nn.Module,
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    n_data: int,
+    kl_weight: float = 1.0,
+    kl: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Negative ELBO per example (paper eqs. 1 and 7): ``CE + kl_weight * KL / N``.
 
+    ``kl`` is the model's KL if already at hand (from :func:`bclib.models.forward_with_kl`).
     Returns ``(loss, cross_entropy, kl)``; for a plain network the KL is 0.
     """
     ce = F.cross_entropy(logits, y)
-    kl = kl_divergence(model).to(logits.device) if kl_weight else torch.zeros((), device=logits.device)
+    if kl is None:
+        kl = kl_divergence(model) if kl_weight else torch.zeros(())
+    kl = kl.to(logits.device)
     return ce + kl_weight * kl / n_data, ce, kl
 
 
@@ -95,7 +103,8 @@ def train(
         bar = tqdm(train_batches, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not progress)
         for x, y in bar:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss, ce, kl = elbo_loss(model, model(x), y, n_data, beta)
+            logits, kl = forward_with_kl(model, x)
+            loss, ce, kl = elbo_loss(model, logits, y, n_data, beta, kl)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

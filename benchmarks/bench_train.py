@@ -6,11 +6,13 @@ Each network is trained with the same loop (bclib.train.train: Adam, lr 1e-3, ba
 data preloaded as tensors) on the same random MNIST-shaped batches. Rounds alternate between
 the networks, so machine load hits all of them alike; the median time per step is reported.
 
-It also times the matrix products alone (forward and backward of every linear/conv layer, no
-element-wise work, no optimiser): one per layer for the plain net, two (means and variances)
-for the Bayesian one, whose first layer also needs its input gradients because ``z`` scales
-the inputs. ``(plain step - plain products + Bayesian products) / plain step`` is the ratio a
-Bayesian step would reach if everything but its products were free: a floor for the target.
+It also times what a Bayesian step cannot avoid: its matrix products (forward and backward
+of every linear/conv layer, no element-wise work, no optimiser: one per layer for the plain
+net, two, for means and variances, for the Bayesian one, whose first layer also needs its
+input gradients because ``z`` scales the inputs) and its noise (one normal draw per example
+and group for ``z``, one per pre-activation). ``(plain step - plain products + Bayesian
+products + noise) / plain step`` is the ratio a Bayesian step would reach if all its other
+work were free: a floor for any implementation on this machine.
 """
 from __future__ import annotations
 
@@ -52,6 +54,23 @@ def products_seconds(plain: nn.Sequential, x: torch.Tensor, bayesian: bool, repe
     return statistics.median(times[1:])
 
 
+def noise_seconds(bayes: nn.Sequential, x: torch.Tensor, repeats: int = 20) -> float:
+    """Median seconds to draw the standard normal noise of one training step of ``bayes``."""
+    counts = []
+    hooks = [m.register_forward_hook(lambda m, i, o: counts.append(o.numel() + len(i[0]) * m.num_groups))
+             for m in models.bayesian_layers(bayes)]  # fmt: skip
+    with torch.no_grad():
+        bayes.train()(x)
+    for h in hooks:
+        h.remove()
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        torch.randn(sum(counts))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", default="lenet_300_100", choices=sorted(models.ARCHITECTURES))
@@ -75,9 +94,11 @@ def main() -> None:
         print(f"| {k} | {1000 * t:.2f} | {t / med['plain']:.2f}x |")
     x1 = x[: args.batch_size]
     mm_plain, mm_bayes = products_seconds(nets["plain"], x1, False), products_seconds(nets["plain"], x1, True)
-    floor = (med["plain"] - mm_plain + mm_bayes) / med["plain"]
-    print(f"\nmatrix products per step: plain {1000 * mm_plain:.2f} ms, Bayesian {1000 * mm_bayes:.2f} ms "
-          f"({mm_bayes / mm_plain:.2f}x); floor for the Bayesian step: {floor:.2f}x plain")  # fmt: skip
+    noise = noise_seconds(nets["nj"], x1)
+    floor = (med["plain"] - mm_plain + mm_bayes + noise) / med["plain"]
+    print(f"\nper step: matrix products plain {1000 * mm_plain:.2f} ms, Bayesian {1000 * mm_bayes:.2f} ms "
+          f"({mm_bayes / mm_plain:.2f}x); noise draws {1000 * noise:.2f} ms; "
+          f"floor for the Bayesian step: {floor:.2f}x plain")  # fmt: skip
 
 
 if __name__ == "__main__":
