@@ -282,26 +282,39 @@ def search_thresholds(
     """Greedy per-layer thresholds: prune as much as keeps accuracy within ``max_drop`` of the unpruned net.
 
     ``accuracy_of(net)`` scores a pruned plain network (use held-out data, not the test set).
-    Layers are visited from the one with most weights down; each threshold is lowered along
-    the quantiles of that layer's ``log_alpha`` while the accuracy stays within budget. Each
-    candidate lies midway between two groups' ``log_alpha``, so rounding it changes nothing.
+    Layers are visited from the one with most weights down. For each, the number of kept
+    groups is lowered along ``candidates`` quantiles of its ``log_alpha`` while the accuracy
+    stays within budget, then bisected between the last count within budget and the first
+    beyond it, to the single group. Each threshold lies midway between two groups'
+    ``log_alpha``, so rounding it changes nothing; every layer keeps at least one group.
     """
     layers = _layers_of(model)
     keep_all = [layer.log_alpha.max().item() + 1.0 for layer in layers]
     base = accuracy_of(prune(model, keep_all))
     thresholds = list(keep_all)
     order = sorted(range(len(layers)), key=lambda i: -layers[i].weight_mu.numel())
-    qs = torch.linspace(1.0, 0.0, candidates)
     for _ in range(passes):
         for i in order:
             la = layers[i].log_alpha.detach().float().cpu().sort().values
-            pos = torch.quantile(torch.arange(len(la), dtype=torch.float), qs).long().clamp(min=1)
-            grid = ((la[pos] + la[pos - 1]) / 2).tolist()
-            for t in grid:
-                if t >= thresholds[i]:
+            cut = lambda k: (la[k] + la[k - 1]).item() / 2  # noqa: E731  keeps the k groups of smallest log_alpha
+
+            def within_budget(k: int) -> bool:
+                trial = thresholds[:i] + [cut(k)] + thresholds[i + 1 :]
+                return accuracy_of(prune(model, trial)) >= base - max_drop
+
+            good = int((la < thresholds[i]).sum())  # groups kept now
+            grid = torch.quantile(torch.arange(len(la), dtype=torch.float), torch.linspace(1.0, 0.0, candidates))
+            bad = None
+            for k in sorted({int(k) for k in grid.long().clamp(min=1)}, reverse=True):
+                if k >= good:
                     continue
-                trial = thresholds[:i] + [t] + thresholds[i + 1 :]
-                if accuracy_of(prune(model, trial)) < base - max_drop:
+                if not within_budget(k):
+                    bad = k
                     break
-                thresholds[i] = t
+                good = k
+            while bad is not None and good - bad > 1:
+                mid = (good + bad) // 2
+                good, bad = (mid, bad) if within_budget(mid) else (good, mid)
+            if good < len(la):
+                thresholds[i] = cut(good)
     return thresholds

@@ -182,3 +182,17 @@ def test_conv_group_layer_masks_channels_of_next_conv():
     masks = compression.group_masks(net, [-3, -3])
     assert masks[1].inputs.tolist() == [True, False, True]
     _masked_equals_pruned(net, [-3, -3], torch.randn(2, 1, 8, 8))
+
+
+def test_search_thresholds_finds_the_smallest_group_count_within_budget():
+    """Accuracy that needs 37 of 100 inputs: the grid plus bisection stops at exactly 37."""
+    torch.manual_seed(0)
+    net = nn.Sequential(LinearGroupNJ(100, 5), nn.ReLU(), LinearGroupNJ(5, 3))
+    first = lambda m: next(x for x in m.modules() if isinstance(x, nn.Linear))  # noqa: E731
+    evaluated = []
+    acc = lambda m: evaluated.append(m) or float(first(m).in_features >= 37)  # noqa: E731
+    thresholds = compression.search_thresholds(net, acc, max_drop=0.0)
+    masks = compression.group_masks(net, thresholds)
+    assert int(masks[0].inputs.sum()) == 37
+    assert int(masks[1].inputs.sum()) == 1  # the accuracy ignores it: pruned down to one group
+    assert len(evaluated) < 80  # far fewer than trying every count
