@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 _EPS_VAR = 1e-8  # keeps sqrt(var) differentiable where var underflows
 
@@ -41,6 +42,7 @@ class _LinearLRT(torch.autograd.Function):
         return out, kl
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad, grad_kl):  # type: ignore[override]
         x, z, xz, xz2, w_mu, w_var, b_mu, b_var, half_eps_over_std = ctx.saved_tensors
         need = ctx.needs_input_grad
