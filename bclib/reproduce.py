@@ -47,7 +47,7 @@ def _settings(arch: str, fast: bool) -> dict[str, int]:
         return {"pre_epochs": 1, "epochs": 2, "warmup": 1, "train_limit": 6000}
     if arch == "lenet_300_100":
         return {"pre_epochs": 20, "epochs": 200, "warmup": 5, "train_limit": 0}
-    return {"pre_epochs": 5, "epochs": 150, "warmup": 3, "train_limit": 0}
+    return {"pre_epochs": 5, "epochs": 270, "warmup": 3, "train_limit": 0}
 
 
 def _atomic_json(obj: Any, path: Path) -> None:
