@@ -31,6 +31,11 @@ def kl_std_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
 
 
+def kl_std_normal_sum_given_var(mu: torch.Tensor, logvar: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """``kl_std_normal(mu, logvar).sum()`` when ``var = exp(logvar)`` is already at hand (no gradient)."""
+    return 0.5 * (torch.dot(mu.flatten(), mu.flatten()) + var.sum() - logvar.sum() - mu.numel())
+
+
 class _StdNormalKLSum(torch.autograd.Function):
     """``kl_std_normal(mu, logvar).sum()`` with a hand-written backward.
 
@@ -43,7 +48,7 @@ class _StdNormalKLSum(torch.autograd.Function):
     def forward(ctx, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         var = logvar.exp()
         ctx.save_for_backward(mu, var)
-        return 0.5 * (torch.dot(mu.flatten(), mu.flatten()) + (var - logvar).sum() - mu.numel())
+        return kl_std_normal_sum_given_var(mu, logvar, var)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]

@@ -19,6 +19,8 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
+from .kl import kl_std_normal_sum_given_var
+
 _EPS_VAR = 1e-8  # keeps sqrt(var) differentiable where var underflows
 
 
@@ -34,9 +36,9 @@ class _LinearLRT(torch.autograd.Function):
         std = var.add_(_EPS_VAR).sqrt_()
         out = torch.addcmul(mean, eps, std)
         half_eps_over_std = (eps / std).mul_(0.5)  # d out / d var
-        kl = _kl_std_normal(w_mu, w_logvar, w_var) if with_kl else out.new_zeros(())
+        kl = kl_std_normal_sum_given_var(w_mu, w_logvar, w_var) if with_kl else out.new_zeros(())
         if with_kl and b_mu is not None:
-            kl += _kl_std_normal(b_mu, b_logvar, b_var)
+            kl += kl_std_normal_sum_given_var(b_mu, b_logvar, b_var)
         ctx.with_kl = with_kl
         ctx.save_for_backward(x, z, xz, xz2, w_mu, w_var, b_mu, b_var, half_eps_over_std)
         return out, kl
@@ -59,11 +61,6 @@ class _LinearLRT(torch.autograd.Function):
             d_x = d_xz * z if need[0] else None
             d_z = d_xz * x if need[1] else None
         return d_x, d_z, d_w_mu, d_w_logvar, d_b_mu, d_b_logvar, None, None
-
-
-def _kl_std_normal(mu: torch.Tensor, logvar: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    """``sum KL(N(mu, var) || N(0, 1))`` (paper eq. 8), reusing ``var = exp(logvar)``."""
-    return 0.5 * (torch.dot(mu.flatten(), mu.flatten()) + var.sum() - logvar.sum() - mu.numel())
 
 
 def _plus_kl_mu(d_mu: torch.Tensor, mu: torch.Tensor, c: Optional[torch.Tensor]) -> torch.Tensor:
