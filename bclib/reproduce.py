@@ -44,10 +44,10 @@ BUDGETS = (0.0, 0.001, 0.002, 0.003)
 
 def _settings(arch: str, fast: bool) -> dict[str, int]:
     if fast:
-        return {"pre_epochs": 1, "epochs": 2, "warmup": 1, "train_limit": 6000}
+        return {"pre_epochs": 1, "epochs": 2, "warmup": 1, "cooldown": 2, "train_limit": 6000}
     if arch == "lenet_300_100":
-        return {"pre_epochs": 20, "epochs": 200, "warmup": 5, "train_limit": 0}
-    return {"pre_epochs": 5, "epochs": 270, "warmup": 3, "train_limit": 0}
+        return {"pre_epochs": 20, "epochs": 250, "warmup": 5, "cooldown": 50, "train_limit": 0}
+    return {"pre_epochs": 5, "epochs": 350, "warmup": 3, "cooldown": 80, "train_limit": 0}
 
 
 def _atomic_json(obj: Any, path: Path) -> None:
@@ -142,7 +142,8 @@ def run(arch: str, prior: str, out: Path, fast: bool, seed: int = 1, batch_size:
         seed_everything(seed)
         bayes = models.to_bayesian(plain.cpu(), prior).to(device)
         plain.to(device)
-        history = train(bayes, train_b, s["epochs"], n_data=n_train, kl_warmup=s["warmup"], test_batches=test_b,
+        history = train(bayes, train_b, s["epochs"], n_data=n_train, kl_warmup=s["warmup"],
+                        lr_cooldown=s["cooldown"], test_batches=test_b,
                         state_path=out / "state" / f"{arch}-{prior}.state.pt")  # fmt: skip
         save_checkpoint(bayes_path, bayes, arch, prior, half=True, seed=seed, history=history, settings=s)
     # Everything below reads the shipped (float16) checkpoint, so its numbers are the file's.

@@ -58,6 +58,16 @@ def kl_schedule(epoch: int, warmup: int) -> float:
     return 1.0 if warmup <= 0 else min(1.0, (epoch + 1) / warmup)
 
 
+def lr_factor(epoch: int, epochs: int, cooldown: int) -> float:
+    """Learning-rate multiplier for ``epoch`` (0-based): 1, then a linear decay towards 0 over
+    the last ``cooldown`` epochs (as Sparse VD decays its rate; 0: constant rate).
+
+    The factor before the cool-down does not depend on ``epochs``, so a run resumed with more
+    epochs is the same as one that had been given them from the start.
+    """
+    return 1.0 if cooldown <= 0 else min(1.0, (epochs - epoch) / cooldown)
+
+
 def train(
     model: nn.Module,
     train_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -65,6 +75,7 @@ def train(
     n_data: Optional[int] = None,
     lr: float = 1e-3,
     kl_warmup: int = 0,
+    lr_cooldown: int = 0,
     test_batches: Optional[Iterable[tuple[torch.Tensor, torch.Tensor]]] = None,
     state_path: Optional[Path | str] = None,
     on_epoch_end: Optional[Callable[[int, nn.Module], None]] = None,
@@ -75,11 +86,12 @@ def train(
     Args:
         n_data: training-set size N in ``KL / N``; defaults to the number of examples per pass.
         kl_warmup: epochs over which the KL weight ramps up to 1 (0: no warm-up).
+        lr_cooldown: last epochs over which the learning rate decays linearly to 0 (see :func:`lr_factor`).
         state_path: if given, the model, optimiser and history are saved there atomically
             after every epoch, and a run finding that file resumes from it.
         on_epoch_end: called as ``f(epoch, model)`` after each epoch (e.g. to take snapshots).
     Returns:
-        One dict per epoch: loss, cross-entropy, KL, KL weight, seconds, test accuracy.
+        One dict per epoch: loss, cross-entropy, KL, KL weight, learning rate, seconds, test accuracy.
     """
     device = next(model.parameters()).device
     opt = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
@@ -97,6 +109,8 @@ def train(
     for epoch in range(len(history), epochs):
         model.train()
         beta = kl_schedule(epoch, kl_warmup) if layers else 0.0
+        for group in opt.param_groups:
+            group["lr"] = lr * lr_factor(epoch, epochs, lr_cooldown)
         sums = {"loss": 0.0, "ce": 0.0, "kl": 0.0}
         n = 0
         t0 = time.perf_counter()
@@ -114,7 +128,7 @@ def train(
                 sums[k] += v.item()
             n += 1
         record = {k: v / max(n, 1) for k, v in sums.items()}
-        record.update(epoch=epoch + 1, kl_weight=beta, seconds=time.perf_counter() - t0)
+        record.update(epoch=epoch + 1, kl_weight=beta, lr=opt.param_groups[0]["lr"], seconds=time.perf_counter() - t0)
         if test_batches is not None:
             record["test_acc"] = evaluate(model, test_batches)
         history.append(record)

@@ -21,16 +21,18 @@ def test_elbo_loss_parts():
     torch.testing.assert_close(loss, ce + kl / 60000)
     torch.testing.assert_close(kl, models.kl_divergence(net))
     assert train.kl_schedule(0, 5) == pytest.approx(0.2) and train.kl_schedule(10, 5) == 1.0
+    assert [train.lr_factor(e, 10, 4) for e in (0, 6, 7, 9)] == [1.0, 1.0, 0.75, 0.25]
+    assert train.lr_factor(3, 10, 0) == 1.0
 
 
 def test_training_is_seeded_and_resumable(tmp_path):
     x, y = torch.randn(256, 1, 28, 28), torch.randint(0, 10, (256,))
 
-    def run(epochs, state=None):
+    def run(epochs, state=None, cooldown=0):
         torch.manual_seed(0)
         net = models.lenet_300_100("nj")
         batches = data.TensorBatches(x, y, 64, shuffle=True, generator=torch.Generator().manual_seed(0))
-        hist = train.train(net, batches, epochs, n_data=256, state_path=state, progress=False)
+        hist = train.train(net, batches, epochs, n_data=256, lr_cooldown=cooldown, state_path=state, progress=False)
         return net, hist
 
     a, ha = run(2)
@@ -42,6 +44,12 @@ def test_training_is_seeded_and_resumable(tmp_path):
     _, h1 = run(1, tmp_path / "s.pt")
     _, h2 = run(2, tmp_path / "s.pt")
     assert len(h2) == 2 and h2[0] == h1[0]
+    # going on with more epochs and a learning-rate cool-down equals having had them from the start
+    c, hc = run(4, tmp_path / "s.pt", cooldown=2)
+    d, hd = run(4, cooldown=2)
+    assert [h["lr"] for h in hd] == [1e-3, 1e-3, 1e-3, 5e-4]
+    for pc, pd in zip(c.parameters(), d.parameters()):
+        assert torch.equal(pc, pd)
 
 
 def test_checkpoint_round_trip(tmp_path):
