@@ -1,6 +1,6 @@
 """Training-step cost of the Bayesian layers against the plain network, as ratios from one run.
 
-    python benchmarks/bench_train.py [--arch lenet_300_100] [--steps 100] [--repeats 5]
+    python benchmarks/bench_train.py [--arch lenet_300_100] [--steps 100] [--repeats 5] [--profile]
 
 Each network is trained with the same loop (bclib.train.train: Adam, lr 1e-3, batch 128,
 data preloaded as tensors) on the same random MNIST-shaped batches. Rounds alternate between
@@ -12,7 +12,8 @@ net, two, for means and variances, for the Bayesian one, whose first layer also 
 input gradients because ``z`` scales the inputs) and its noise (one normal draw per example
 and group for ``z``, one per pre-activation). ``(plain step - plain products + Bayesian
 products + noise) / plain step`` is the ratio a Bayesian step would reach if all its other
-work were free: a floor for any implementation on this machine.
+work were free: a floor for any implementation on this machine. ``--profile`` adds, for the
+plain and the normal-Jeffreys step, the operators that take the most time (torch.profiler).
 """
 from __future__ import annotations
 
@@ -77,6 +78,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--profile", action="store_true", help="also list the costliest operators per step")
     args = ap.parse_args()
     torch.manual_seed(0)
     n = args.steps * args.batch_size
@@ -99,6 +101,17 @@ def main() -> None:
     print(f"\nper step: matrix products plain {1000 * mm_plain:.2f} ms, Bayesian {1000 * mm_bayes:.2f} ms "
           f"({mm_bayes / mm_plain:.2f}x); noise draws {1000 * noise:.2f} ms; "
           f"floor for the Bayesian step: {floor:.2f}x plain")  # fmt: skip
+    if args.profile:
+        for k in ("plain", "nj"):
+            print(f"\n{k}: operators by self CPU time over {len(batches)} steps")
+            print(profile_steps(nets[k], batches))
+
+
+def profile_steps(net: torch.nn.Module, batches: data.TensorBatches, rows: int = 15) -> str:
+    """torch.profiler's table of the costliest operators over one pass of training steps."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        time_steps(net, batches)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
 if __name__ == "__main__":
