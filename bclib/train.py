@@ -59,8 +59,8 @@ def kl_schedule(epoch: int, warmup: int) -> float:
 
 
 def lr_factor(epoch: int, epochs: int, cooldown: int) -> float:
-    """Learning-rate multiplier for ``epoch`` (0-based): 1, then a linear decay towards 0 over
-    the last ``cooldown`` epochs (as Sparse VD decays its rate; 0: constant rate).
+    """Learning-rate multiplier for ``epoch`` (0-based): 1, then over the last ``cooldown``
+    epochs a linear fall from 1 to ``1/cooldown`` (as Sparse VD decays its rate; 0: constant).
 
     The factor before the cool-down does not depend on ``epochs``, so a run resumed with more
     epochs is the same as one that had been given them from the start.
@@ -86,7 +86,7 @@ def train(
     Args:
         n_data: training-set size N in ``KL / N``; defaults to the number of examples per pass.
         kl_warmup: epochs over which the KL weight ramps up to 1 (0: no warm-up).
-        lr_cooldown: last epochs over which the learning rate decays linearly to 0 (see :func:`lr_factor`).
+        lr_cooldown: last epochs over which the learning rate falls linearly towards 0 (see :func:`lr_factor`).
         state_path: if given, the model, optimiser and history are saved there atomically
             after every epoch, and a run finding that file resumes from it.
         on_epoch_end: called as ``f(epoch, model)`` after each epoch (e.g. to take snapshots).
