@@ -16,15 +16,17 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+import weakref
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.fx
 from torch import nn
 
-from .layers import BayesianGroupLayer, _ConvNdGroup, _LinearGroup
-from .models import bayesian_layers
-from .precision import MAX_EXPONENT_BITS, MAX_SIGNIFICAND_BITS
+from . import graph
+from .convert import bayesian_layers
+from .layers import BayesianGroupLayer
+from .precision import MAX_EXPONENT_BITS, MAX_SIGNIFICAND_BITS, round_to_bits
 
 FLOAT_BITS = 32
 # Weights within FLUSH_STD posterior std of zero may be stored as zero (bit_precision). Our
@@ -68,33 +70,114 @@ def _check_thresholds(layers: list[BayesianGroupLayer], thresholds: Sequence[flo
     return thresholds
 
 
-@torch.no_grad()
-def group_masks(model: nn.Module, thresholds: Sequence[float]) -> list[LayerMask]:
-    """Per-layer input/output masks for the given ``log_alpha`` thresholds (one per group layer)."""
+class Masks(list):
+    """One :class:`LayerMask` per group layer (in ``bayesian_layers`` order), plus ``channels``:
+    for each channel-wise layer (BatchNorm, depthwise convolution) with pruned channels, its
+    qualified name and a boolean over its channels (see :mod:`bclib.graph` for what a pruned
+    channel means)."""
+
+    def __init__(self, layer_masks: Sequence[LayerMask], channels: dict[str, torch.Tensor]) -> None:
+        super().__init__(layer_masks)
+        self.channels = channels
+
+
+@dataclass
+class _Solution:
+    structure: graph.Structure
+    names: list[str]  # qualified name of each group layer, in bayesian_layers order
+    masks: Masks
+    alive: Callable[[int, int], torch.Tensor]  # (channel set, size) -> which of its channels are kept
+
+
+def _solve(model: nn.Module, thresholds: Sequence[float], example_input: Optional[torch.Tensor]) -> _Solution:
+    """Which groups, inputs and channels survive the thresholds, everywhere in the graph.
+
+    A channel set is kept where some producer keeps the channel (a filter with
+    ``log_alpha < threshold``, or any neuron of a fully connected layer) and some consumer
+    uses it (a fully connected layer's kept input feature, or any other consumer); channels
+    of sets that not only group layers produce, or that an operation needs whole, all stay.
+    """
     layers = _layers_of(model)
     thresholds = _check_thresholds(layers, thresholds)
-    keep = [(layer.log_alpha < t).cpu() for layer, t in zip(layers, thresholds)]
-    ins: list[torch.Tensor] = []
-    outs: list[torch.Tensor] = []
-    for layer, k in zip(layers, keep):
-        linear = isinstance(layer, _LinearGroup)
-        ins.append(k.clone() if linear else torch.ones(layer.in_channels, dtype=torch.bool))
-        outs.append(torch.ones(layer.out_features, dtype=torch.bool) if linear else k.clone())
-    # Hand over between consecutive layers, last to first so that removals propagate upstream.
-    for i in range(len(layers) - 2, -1, -1):
-        n_out = outs[i].numel()
-        if ins[i + 1].numel() % n_out:
-            raise ValueError(f"layer {i + 1} has {ins[i + 1].numel()} inputs, not a multiple of layer {i}'s {n_out} outputs")
-        block = ins[i + 1].numel() // n_out  # features per channel (1 unless conv -> linear)
-        alive = outs[i] & ins[i + 1].view(n_out, block).any(1)
-        outs[i] = alive
-        ins[i + 1] = ins[i + 1] & alive.repeat_interleave(block)
-    return [LayerMask(i, o) for i, o in zip(ins, outs)]
+    st = graph.analyse(model, example_input)
+    atoms = st.atoms
+    by_layer = {id(m): name for name, m in model.named_modules()}
+    names = [by_layer[id(layer)] for layer in layers]
+    own = {name: (layer.log_alpha < t).cpu() for name, layer, t in zip(names, layers, thresholds)}
+    produced: dict[int, torch.Tensor] = {}
+    used: dict[int, torch.Tensor] = {}
+
+    def add(table: dict[int, torch.Tensor], atom: int, keep: torch.Tensor) -> None:
+        root = atoms.find(atom)
+        table[root] = table[root] | keep if root in table else keep.clone()
+
+    for name, layer in zip(names, layers):
+        use = st.layers.get(name)
+        if use is None:  # never called in forward
+            continue
+        n_out = atoms.get_size(use.out_atom)
+        add(produced, use.out_atom, own[name] if layer.groups_on == "outputs" else torch.ones(n_out, dtype=torch.bool))
+        if layer.groups_on == "inputs":
+            offset = 0
+            for seg in use.in_segs:
+                size = atoms.get_size(seg.atom)
+                add(used, seg.atom, own[name][offset : offset + size * seg.block].view(size, seg.block).any(1))
+                offset += size * seg.block
+
+    def alive(root: int, size: int) -> torch.Tensor:
+        if atoms.plain[root] or atoms.forced[root]:
+            return torch.ones(size, dtype=torch.bool)
+        keep = produced.get(root, torch.zeros(size, dtype=torch.bool))
+        return keep if atoms.used_all[root] else keep & used.get(root, torch.zeros(size, dtype=torch.bool))
+
+    layer_masks = []
+    for name, layer in zip(names, layers):
+        use = st.layers.get(name)
+        if use is None:
+            n_in = layer.weight_mu.shape[1]
+            ins, outs = torch.ones(n_in, dtype=torch.bool), torch.ones(layer.weight_mu.shape[0], dtype=torch.bool)
+            ins = own[name] if layer.groups_on == "inputs" else ins
+            outs = own[name] if layer.groups_on == "outputs" else outs
+        else:
+            ins = st.features(use.in_segs, alive)
+            ins = ins & own[name] if layer.groups_on == "inputs" else ins
+            outs = alive(atoms.find(use.out_atom), atoms.get_size(use.out_atom))
+        layer_masks.append(LayerMask(ins, outs))
+    channels = {n: f for n, segs in st.channelwise.items() if not bool((f := st.features(segs, alive)).all())}
+    return _Solution(st, names, Masks(layer_masks, channels), alive)
+
+
+@torch.no_grad()
+def group_masks(model: nn.Module, thresholds: Sequence[float], example_input: Optional[torch.Tensor] = None) -> Masks:
+    """Per-layer input/output masks for the given ``log_alpha`` thresholds (one per group layer).
+
+    Works on any model ``torch.fx`` can trace; the graph decides what a pruned group removes
+    (:mod:`bclib.graph`). ``example_input``: one batch of inputs, where shapes must be known.
+    """
+    return _solve(model, thresholds, example_input).masks
+
+
+_MASK_HOOKS: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
+
+
+def _zero_pruned_channels(keep: torch.Tensor) -> Callable:
+    def hook(module: nn.Module, args: Any, out: torch.Tensor) -> Optional[torch.Tensor]:
+        if module.training:
+            return None
+        return out * keep.to(out.device, out.dtype).view(1, -1, *([1] * (out.dim() - 2)))
+
+    return hook
 
 
 def apply_masks(model: nn.Module, masks: Optional[Sequence[LayerMask]]) -> None:
-    """Zero the pruned weights in eval mode (``None`` removes the masks)."""
+    """Zero the pruned weights, and the pruned channels of channel-wise layers, in eval mode.
+
+    ``None`` removes the masks. With the masks of :func:`group_masks` the model gives, in
+    eval mode, the outputs of ``prune(model, thresholds)``.
+    """
     layers = _layers_of(model)
+    for handle in _MASK_HOOKS.pop(model, []):
+        handle.remove()
     if masks is None:
         for layer in layers:
             layer.weight_mask = layer.bias_mask = None
@@ -103,6 +186,9 @@ def apply_masks(model: nn.Module, masks: Optional[Sequence[LayerMask]]) -> None:
         dev = layer.weight_mu.device
         layer.weight_mask = m.weight_mask(layer.weight_mu.shape).to(dev)
         layer.bias_mask = m.outputs.float().to(dev)
+    channels = getattr(masks, "channels", {})
+    _MASK_HOOKS[model] = [model.get_submodule(name).register_forward_hook(_zero_pruned_channels(keep))
+                          for name, keep in channels.items()]  # fmt: skip
 
 
 def _kept(t: torch.Tensor, m: LayerMask) -> torch.Tensor:
@@ -189,10 +275,15 @@ class CompressionReport:
 
 
 @torch.no_grad()
-def compression_report(model: nn.Module, thresholds: Sequence[float]) -> CompressionReport:
-    """Kept architecture, bits per layer and both compression rates (weights only, as the paper)."""
+def compression_report(
+    model: nn.Module, thresholds: Sequence[float], example_input: Optional[torch.Tensor] = None
+) -> CompressionReport:
+    """Kept architecture, bits per layer and both compression rates (weights only, as the paper).
+
+    Counts the group layers' weights: layers left plain are neither pruned nor reduced.
+    """
     layers = _layers_of(model)
-    masks = group_masks(model, thresholds)
+    masks = group_masks(model, thresholds, example_input)
     bits = bit_precision(model, masks)
     before = sum(layer.weight_mu.numel() for layer in layers)
     kept_per_layer = [int(_kept(layer.weight_mu, m).numel()) for layer, m in zip(layers, masks)]
@@ -208,76 +299,108 @@ def compression_report(model: nn.Module, thresholds: Sequence[float]) -> Compres
     )
 
 
-class _SelectInputs(nn.Module):
-    """Keeps the input features that a linear layer still uses (inlined by torch.fx)."""
-
-    def __init__(self, index: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("index", index)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.index_select(-1, self.index)
-
-
 @torch.no_grad()
-def prune(model: nn.Sequential, thresholds: Sequence[float]) -> torch.fx.GraphModule:
-    """The pruned network as plain torch modules (``nn.Linear``/``nn.ConvNd`` of reduced sizes).
+def prune(model: nn.Module, thresholds: Sequence[float], example_input: Optional[torch.Tensor] = None) -> torch.fx.GraphModule:
+    """The pruned network: the model's graph with every layer cut to what it keeps.
 
-    Weights are the posterior means ``E[w]``. The result, a ``torch.fx.GraphModule`` that
-    holds only ``torch.nn`` layers (plus an ``index_select`` before a linear layer whose
-    input features were pruned individually: pixels, or single features of a kept conv filter), gives the outputs of the masked Bayesian model in eval mode
-    and can be saved with ``torch.save`` and loaded without bclib.
+    Group layers become ``nn.Linear``/``nn.ConvNd`` of reduced sizes with the posterior means
+    ``E[w]`` as weights; BatchNorm and depthwise convolutions lose the pruned channels, plain
+    layers the pruned inputs. A fully connected layer whose input features are pruned one by one
+    (pixels, single features of a kept filter) is fed through ``x.index_select(-1, index)``.
+    The result, a ``torch.fx.GraphModule`` of plain torch modules, gives the outputs of the
+    model after ``apply_masks(model, group_masks(model, thresholds))`` in eval mode, and saves
+    with ``torch.save`` and loads without bclib. Its ``bayesian_layer_names`` lists the layers
+    that were group layers, in ``bayesian_layers`` order (for :func:`quantized`).
     """
-    if not isinstance(model, nn.Sequential):
-        raise TypeError(f"prune needs an nn.Sequential of layers, got {type(model).__name__}")
-    layers = _layers_of(model)
-    masks = group_masks(model, thresholds)
-    by_id = {id(layer): m for layer, m in zip(layers, masks)}
-    modules: list[nn.Module] = []
-    prev: Optional[LayerMask] = None
-    for mod in model:
-        m = by_id.get(id(mod))
-        if m is None:
-            if any(isinstance(s, BayesianGroupLayer) for s in mod.modules()):
-                raise TypeError("prune supports group layers directly inside the nn.Sequential, not nested")
-            modules.append(copy.deepcopy(mod))
+    sol = _solve(model, thresholds, example_input)
+    st, masks = sol.structure, dict(zip(sol.names, sol.masks))
+    g = copy.deepcopy(st.gm.graph)
+    g._tracer_cls = None  # else the saved net would need bclib's tracer to load
+    root: dict[str, Any] = {}
+    for node in list(g.nodes):
+        if node.op == "get_attr":
+            root[node.target] = copy.deepcopy(_attr(st.gm, node.target))
+        if node.op != "call_module":
             continue
-        # Features arriving here: the previous layer's kept outputs (times pixels per channel).
-        arriving = torch.ones_like(m.inputs)
-        if prev is not None:
-            arriving = prev.outputs.repeat_interleave(m.inputs.numel() // prev.outputs.numel())
-        used = m.inputs[arriving]
-        if not bool(used.all()):
-            modules.append(_SelectInputs(used.nonzero().flatten().to(mod.weight_mu.device)))
-        modules.append(_plain_layer(mod, m))
-        prev = m
-    return torch.fx.symbolic_trace(nn.Sequential(*modules).eval())
+        name, m = node.target, st.gm.get_submodule(node.target)
+        if name in st.layers:
+            mask = masks[name]
+            root[name] = m.plain(mask.inputs, mask.outputs)
+            arriving = st.features(st.layers[name].in_segs, sol.alive)
+            if m.groups_on == "inputs" and not bool(mask.inputs[arriving].all()):
+                index = f"{name.replace('.', '_')}_kept_inputs"
+                root[index] = mask.inputs[arriving].nonzero().flatten().to(m.weight_mu.device)
+                with g.inserting_before(node):
+                    sel = g.call_method("index_select", (node.args[0], -1, g.get_attr(index)))
+                node.args = (sel, *node.args[1:])
+        elif name in st.channelwise:
+            root[name] = _channelwise_kept(m, st.features(st.channelwise[name], sol.alive))
+        elif name in st.plain_consumers:
+            root[name] = _inputs_kept(m, st.features(st.plain_consumers[name], sol.alive))
+        else:
+            root[name] = copy.deepcopy(m)
+    net = torch.fx.GraphModule(root, g).eval()
+    net.bayesian_layer_names = [n for n in sol.names if n in st.layers]
+    return net
 
 
-def _plain_layer(layer: BayesianGroupLayer, m: LayerMask) -> nn.Module:
-    w = _kept(layer.posterior_weight_mean(), m)
-    b = layer.posterior_bias_mean()
-    n_in, n_out = m.kept
-    if isinstance(layer, _LinearGroup):
-        plain: nn.Module = nn.Linear(n_in, n_out, bias=b is not None)
+def _attr(gm: nn.Module, target: str) -> Any:
+    for part in target.split("."):
+        gm = getattr(gm, part)
+    return gm
+
+
+def _channelwise_kept(m: nn.Module, keep: torch.Tensor) -> nn.Module:
+    """A BatchNorm or depthwise convolution restricted to the kept channels."""
+    n = int(keep.sum())
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        new: nn.Module = type(m)(n, m.eps, m.momentum, m.affine, m.track_running_stats)
     else:
-        assert isinstance(layer, _ConvNdGroup)
-        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[layer._dims]
-        plain = conv(n_in, n_out, layer.kernel_size, layer.stride, layer.padding, layer.dilation, bias=b is not None)
-    plain = plain.to(device=w.device, dtype=w.dtype)
-    plain.weight.copy_(w)
-    if b is not None:
-        plain.bias.copy_(b[m.outputs])
-    return plain
+        new = type(m)(n, n, m.kernel_size, m.stride, m.padding, m.dilation, groups=n, bias=m.bias is not None)
+    return _copy_sliced(m, new, lambda t: t[keep] if t.dim() else t)
+
+
+def _inputs_kept(m: nn.Module, keep: torch.Tensor) -> nn.Module:
+    """A plain linear or convolution layer restricted to its kept inputs."""
+    n = int(keep.sum())
+    if isinstance(m, nn.Linear):
+        new: nn.Module = nn.Linear(n, m.out_features, bias=m.bias is not None)
+    else:
+        new = type(m)(n, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, bias=m.bias is not None,
+                      padding_mode=m.padding_mode)  # fmt: skip
+    return _copy_sliced(m, new, lambda t: t[:, keep] if t.dim() > 1 else t)
+
+
+def _copy_sliced(old: nn.Module, new: nn.Module, cut: Callable[[torch.Tensor], torch.Tensor]) -> nn.Module:
+    ref = next(iter(old.state_dict().values()))
+    new = new.to(ref.device)
+    new.load_state_dict({k: cut(v) for k, v in old.state_dict().items()})
+    return new.train(old.training)
+
+
+def quantized(net: nn.Module, bits: Sequence[LayerBits]) -> nn.Module:
+    """A copy of a pruned net (:func:`prune`) with each former group layer's weights rounded to its bits."""
+    net = copy.deepcopy(net)
+    names = getattr(net, "bayesian_layer_names", None)
+    if names is not None:
+        layers = [net.get_submodule(n) for n in names]
+    else:  # a plain net of other origin: its linear and conv layers in order
+        layers = [m for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    with torch.no_grad():
+        for layer, b in zip(layers, bits):
+            if layer.weight.numel():
+                layer.weight.copy_(round_to_bits(layer.weight, b.exponent, b.significand))
+    return net
 
 
 @torch.no_grad()
 def search_thresholds(
-    model: nn.Sequential,
+    model: nn.Module,
     accuracy_of: Callable[[nn.Module], float],
     max_drop: float = 0.003,
     candidates: int = 24,
     passes: int = 2,
+    example_input: Optional[torch.Tensor] = None,
 ) -> list[float]:
     """Greedy per-layer thresholds: prune as much as keeps accuracy within ``max_drop`` of the unpruned net.
 
@@ -285,12 +408,12 @@ def search_thresholds(
     Layers are visited from the one with most weights down. For each, the number of kept
     groups is lowered along ``candidates`` quantiles of its ``log_alpha`` while the accuracy
     stays within budget, then bisected between the last count within budget and the first
-    beyond it, to the single group. Each threshold lies midway between two groups'
+    beyond it, to the single group. ``example_input`` as for :func:`prune`. Each threshold lies midway between two groups'
     ``log_alpha``, so rounding it changes nothing; every layer keeps at least one group.
     """
     layers = _layers_of(model)
     keep_all = [layer.log_alpha.max().item() + 1.0 for layer in layers]
-    base = accuracy_of(prune(model, keep_all))
+    base = accuracy_of(prune(model, keep_all, example_input))
     thresholds = list(keep_all)
     order = sorted(range(len(layers)), key=lambda i: -layers[i].weight_mu.numel())
     for _ in range(passes):
@@ -300,7 +423,7 @@ def search_thresholds(
 
             def within_budget(k: int) -> bool:
                 trial = thresholds[:i] + [cut(k)] + thresholds[i + 1 :]
-                return accuracy_of(prune(model, trial)) >= base - max_drop
+                return accuracy_of(prune(model, trial, example_input)) >= base - max_drop
 
             good = int((la < thresholds[i]).sum())  # groups kept now
             grid = torch.quantile(torch.arange(len(la), dtype=torch.float), torch.linspace(1.0, 0.0, candidates))

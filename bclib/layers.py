@@ -31,10 +31,15 @@ _INIT_LOGVAR = -9.0
 class BayesianGroupLayer(nn.Module):
     """Shared parameters and posterior summaries; subclasses define the forward pass.
 
+    ``groups_on`` says where the groups sit: ``"inputs"`` (fully connected) or ``"outputs"``
+    (conv filters); ``plain(inputs, outputs)`` builds the plain torch layer that keeps the
+    given inputs and outputs, with the posterior means as weights (used by ``prune``).
+
     Args:
         weight_shape: shape of the weight tensor, output dimension first.
         group_dim: 1 for fully connected layers (groups = inputs), 0 for conv (groups = filters).
-        prior: "nj" (group normal-Jeffreys, BC-GNJ) or "hs" (group horseshoe, BC-GHS).
+        prior: a name in ``bclib.scales.PRIORS``: "nj" (group normal-Jeffreys, BC-GNJ) or
+            "hs" (group horseshoe, BC-GHS).
         bias: whether the layer has a (Bayesian) bias.
         clip_var: if given, ``clip_variances()`` caps the weights' variance at this value.
         init_weight, init_bias: posterior means to start from (e.g. a pretrained net).
@@ -59,7 +64,7 @@ class BayesianGroupLayer(nn.Module):
         self.group_dim = group_dim
         self.clip_var = clip_var
         groups = weight_shape[group_dim]
-        self.scale = make_scale(prior, groups, **({"tau0": tau0} if prior == "hs" else {}))
+        self.scale = make_scale(prior, groups, tau0=tau0)
 
         fan_in = math.prod(weight_shape[1:])
         self.weight_mu = nn.Parameter(torch.randn(weight_shape) / math.sqrt(fan_in))
@@ -143,11 +148,17 @@ def _sample_gaussian(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     return mean + torch.randn_like(mean) * torch.sqrt(var + 1e-8)
 
 
-class _LinearGroup(BayesianGroupLayer):
-    prior = "nj"
+class LinearGroup(BayesianGroupLayer):
+    """Fully connected layer with one scale ``z_j`` per **input** neuron (paper eq. 6).
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, **kwargs) -> None:
-        super().__init__((out_features, in_features), group_dim=1, prior=type(self).prior, bias=bias, **kwargs)
+    ``prior`` is ``"nj"`` (group normal-Jeffreys, BC-GNJ) or ``"hs"`` (group horseshoe, BC-GHS);
+    the other keyword arguments are those of :class:`BayesianGroupLayer`.
+    """
+
+    groups_on = "inputs"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, prior: str = "nj", **kwargs) -> None:
+        super().__init__((out_features, in_features), group_dim=1, prior=prior, bias=bias, **kwargs)
         self.in_features, self.out_features = in_features, out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,26 +179,24 @@ class _LinearGroup(BayesianGroupLayer):
             self.kl_terms[self] = self.scale.kl() + kl
         return out.view(*x.shape[:-1], self.out_features)
 
+    def plain(self, inputs: torch.Tensor, outputs: torch.Tensor) -> nn.Linear:
+        """An ``nn.Linear`` with the posterior means of the kept inputs and outputs (boolean masks)."""
+        w = self.posterior_weight_mean()[outputs][:, inputs]
+        return _filled(nn.Linear(w.shape[1], w.shape[0], bias=self.bias_mu is not None), w, self.posterior_bias_mean(), outputs)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, prior={self.prior!r}"
 
 
-class LinearGroupNJ(_LinearGroup):
-    """Fully connected layer with group normal-Jeffreys scales on its input neurons (BC-GNJ)."""
+class ConvGroup(BayesianGroupLayer):
+    """Convolution with one scale ``z_f`` per **output** filter; ``dims`` is 1, 2 or 3.
 
-    prior = "nj"
+    Takes the arguments of ``nn.Conv{dims}d`` with ``groups=1`` and zero padding, plus
+    ``prior`` and the keyword arguments of :class:`BayesianGroupLayer`.
+    """
 
-
-class LinearGroupHS(_LinearGroup):
-    """Fully connected layer with group horseshoe scales on its input neurons (BC-GHS)."""
-
-    prior = "hs"
-
-
-class _ConvNdGroup(BayesianGroupLayer):
-    prior = "nj"
-    _dims = 2
-    _conv = staticmethod(F.conv2d)
+    groups_on = "outputs"
+    _CONV = {1: (F.conv1d, nn.Conv1d), 2: (F.conv2d, nn.Conv2d), 3: (F.conv3d, nn.Conv3d)}
 
     def __init__(
         self,
@@ -195,24 +204,29 @@ class _ConvNdGroup(BayesianGroupLayer):
         out_channels: int,
         kernel_size: int | tuple[int, ...],
         stride: int | tuple[int, ...] = 1,
-        padding: int | tuple[int, ...] = 0,
+        padding: int | str | tuple[int, ...] = 0,
         dilation: int | tuple[int, ...] = 1,
         bias: bool = True,
+        prior: str = "nj",
+        dims: int = 2,
         **kwargs,
     ) -> None:
-        ks = (kernel_size,) * self._dims if isinstance(kernel_size, int) else tuple(kernel_size)
-        super().__init__((out_channels, in_channels, *ks), group_dim=0, prior=type(self).prior, bias=bias, **kwargs)
+        if dims not in self._CONV:
+            raise ValueError(f"dims must be 1, 2 or 3, got {dims}")
+        ks = (kernel_size,) * dims if isinstance(kernel_size, int) else tuple(kernel_size)
+        super().__init__((out_channels, in_channels, *ks), group_dim=0, prior=prior, bias=bias, **kwargs)
+        self.dims = dims
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, ks
         self.stride, self.padding, self.dilation = stride, padding, dilation
 
     def _apply_conv(self, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
-        return self._conv(x, w, b, self.stride, self.padding, self.dilation)
+        return self._CONV[self.dims][0](x, w, b, self.stride, self.padding, self.dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != self._dims + 2 or x.shape[1] != self.in_channels:
+        if x.dim() != self.dims + 2 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"{type(self).__name__} expects input of shape (batch, {self.in_channels}, "
-                f"{', '.join(['length'] * self._dims)}), got {tuple(x.shape)}"
+                f"{', '.join(['length'] * self.dims)}), got {tuple(x.shape)}"
             )
         if not self.training:
             w, b = self._eval_params()
@@ -220,12 +234,19 @@ class _ConvNdGroup(BayesianGroupLayer):
         bias_var = None if self.bias_logvar is None else self.bias_logvar.exp()
         mean = self._apply_conv(x, self.weight_mu, self.bias_mu)
         var = self._apply_conv(x.pow(2), self.weight_logvar.exp(), bias_var)
-        z = self.scale.sample(x.shape[0]).view(x.shape[0], -1, *([1] * self._dims))
+        z = self.scale.sample(x.shape[0]).view(x.shape[0], -1, *([1] * self.dims))
         return z * _sample_gaussian(mean, var)
 
     def posterior_bias_mean(self) -> Optional[torch.Tensor]:
         # The filter's scale multiplies its whole output, bias included.
         return None if self.bias_mu is None else self.bias_mu * self.scale.mean
+
+    def plain(self, inputs: torch.Tensor, outputs: torch.Tensor) -> nn.Module:
+        """An ``nn.Conv{dims}d`` with the posterior means of the kept input channels and filters."""
+        w = self.posterior_weight_mean()[outputs][:, inputs]
+        conv = self._CONV[self.dims][1](w.shape[1], w.shape[0], self.kernel_size, self.stride, self.padding,
+                                        self.dilation, bias=self.bias_mu is not None)  # fmt: skip
+        return _filled(conv, w, self.posterior_bias_mean(), outputs)
 
     def extra_repr(self) -> str:
         return (
@@ -234,26 +255,28 @@ class _ConvNdGroup(BayesianGroupLayer):
         )
 
 
-class Conv1dGroupNJ(_ConvNdGroup):
-    """1-d convolution with group normal-Jeffreys scales on its output filters."""
-
-    _dims, _conv = 1, staticmethod(F.conv1d)
-
-
-class Conv2dGroupNJ(_ConvNdGroup):
-    """2-d convolution with group normal-Jeffreys scales on its output filters (BC-GNJ)."""
-
-    _dims, _conv = 2, staticmethod(F.conv2d)
+@torch.no_grad()
+def _filled(plain: nn.Module, w: torch.Tensor, b: Optional[torch.Tensor], outputs: torch.Tensor) -> nn.Module:
+    plain = plain.to(device=w.device, dtype=w.dtype)
+    plain.weight.copy_(w)
+    if b is not None:
+        plain.bias.copy_(b[outputs])
+    return plain
 
 
-class Conv3dGroupNJ(_ConvNdGroup):
-    """3-d convolution with group normal-Jeffreys scales on its output filters."""
+# The tutorial's and the paper's names: one class per prior and layer type.
+def _named(base: type, name: str, prior: str, doc: str, **fixed) -> type:
+    def __init__(self, *args, **kwargs) -> None:
+        base.__init__(self, *args, prior=prior, **fixed, **kwargs)
 
-    _dims, _conv = 3, staticmethod(F.conv3d)
+    return type(name, (base,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
 
 
-class Conv2dGroupHS(_ConvNdGroup):
-    """2-d convolution with group horseshoe scales on its output filters (BC-GHS)."""
-
-    prior = "hs"
-    _dims, _conv = 2, staticmethod(F.conv2d)
+LinearGroupNJ = _named(LinearGroup, "LinearGroupNJ", "nj", "``LinearGroup(..., prior='nj')`` (BC-GNJ).")
+LinearGroupHS = _named(LinearGroup, "LinearGroupHS", "hs", "``LinearGroup(..., prior='hs')`` (BC-GHS).")
+Conv1dGroupNJ = _named(ConvGroup, "Conv1dGroupNJ", "nj", "``ConvGroup(..., prior='nj', dims=1)``.", dims=1)
+Conv1dGroupHS = _named(ConvGroup, "Conv1dGroupHS", "hs", "``ConvGroup(..., prior='hs', dims=1)``.", dims=1)
+Conv2dGroupNJ = _named(ConvGroup, "Conv2dGroupNJ", "nj", "``ConvGroup(..., prior='nj', dims=2)`` (BC-GNJ).", dims=2)
+Conv2dGroupHS = _named(ConvGroup, "Conv2dGroupHS", "hs", "``ConvGroup(..., prior='hs', dims=2)`` (BC-GHS).", dims=2)
+Conv3dGroupNJ = _named(ConvGroup, "Conv3dGroupNJ", "nj", "``ConvGroup(..., prior='nj', dims=3)``.", dims=3)
+Conv3dGroupHS = _named(ConvGroup, "Conv3dGroupHS", "hs", "``ConvGroup(..., prior='hs', dims=3)``.", dims=3)

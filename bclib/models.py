@@ -1,108 +1,19 @@
-"""Networks of the paper, plain or Bayesian, and the conversion between the two.
+"""Networks of the paper, plain (``prior=None``) or Bayesian.
 
-Every network is an ``nn.Sequential``; :func:`to_bayesian` swaps its ``nn.Linear`` and
-``nn.Conv*d`` layers for group layers that start from their weights, which is how the paper
-initialises a Bayesian network from a pretrained one. Your own sequential nets convert the
-same way.
+Each builder makes the plain network and, given a prior, passes it through
+:func:`bclib.convert.to_bayesian` (re-exported here with ``bayesian_layers``,
+``kl_divergence`` and ``forward_with_kl``), which converts any ``nn.Module`` the same way.
+A new network is a builder function registered in ``ARCHITECTURES``.
 """
 from __future__ import annotations
 
-import copy
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .layers import (
-    BayesianGroupLayer,
-    Conv1dGroupNJ,
-    Conv2dGroupHS,
-    Conv2dGroupNJ,
-    Conv3dGroupNJ,
-    LinearGroupHS,
-    LinearGroupNJ,
-)
-
-PRIORS = ("nj", "hs")
-_BAYESIAN_CLASS = {
-    (nn.Linear, "nj"): LinearGroupNJ,
-    (nn.Linear, "hs"): LinearGroupHS,
-    (nn.Conv1d, "nj"): Conv1dGroupNJ,
-    (nn.Conv2d, "nj"): Conv2dGroupNJ,
-    (nn.Conv3d, "nj"): Conv3dGroupNJ,
-    (nn.Conv2d, "hs"): Conv2dGroupHS,
-}
-
-
-def bayesian_layers(model: nn.Module) -> list[BayesianGroupLayer]:
-    """The group layers of ``model`` in registration order (the forward order for our nets)."""
-    return [m for m in model.modules() if isinstance(m, BayesianGroupLayer)]
-
-
-def kl_divergence(model: nn.Module) -> torch.Tensor:
-    """Total KL of all group layers of ``model`` (zero for a plain network)."""
-    layers = bayesian_layers(model)
-    if not layers:
-        return torch.zeros(())
-    return torch.stack([layer.kl_divergence() for layer in layers]).sum()
-
-
-def forward_with_kl(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(model(x), kl_divergence(model))``, cheaper in training mode.
-
-    There the group linear layers compute their weights' KL inside their forward pass
-    (:func:`bclib.lrt.linear_lrt`), sharing its work; the other layers add ``kl_divergence()``.
-    """
-    layers = bayesian_layers(model)
-    terms: dict[nn.Module, torch.Tensor] = {}
-    for layer in layers:
-        layer.kl_terms = terms
-    try:
-        out = model(x)
-    finally:
-        for layer in layers:
-            layer.kl_terms = None
-    if not layers:
-        return out, torch.zeros((), device=out.device)
-    return out, torch.stack([terms[m] if m in terms else m.kl_divergence() for m in layers]).sum()
-
-
-def to_bayesian(
-    model: nn.Sequential, prior: str = "nj", clip_var: Optional[float] = 0.04, tau0: float = 1e-5
-) -> nn.Sequential:
-    """A copy of a plain ``nn.Sequential`` with each linear/conv layer made a group layer.
-
-    The posterior means start at the plain layer's weights and biases. ``clip_var`` caps the
-    weight variance of the *first* layer only, as the public tutorial does.
-    """
-    if prior not in PRIORS:
-        raise ValueError(f"unknown prior {prior!r}: use one of {PRIORS}")
-    if not isinstance(model, nn.Sequential):
-        raise TypeError(f"to_bayesian needs an nn.Sequential, got {type(model).__name__}")
-    layers, first = [], True
-    for m in model:
-        cls = _BAYESIAN_CLASS.get((type(m), prior))
-        if cls is None:
-            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-                raise ValueError(f"no {prior!r} group layer for {type(m).__name__}")
-            layers.append(copy.deepcopy(m))
-            continue
-        extra = {"tau0": tau0} if prior == "hs" else {}
-        kw = dict(
-            bias=m.bias is not None,
-            clip_var=clip_var if first else None,
-            init_weight=m.weight,
-            init_bias=m.bias,
-            **extra,
-        )
-        if isinstance(m, nn.Linear):
-            layers.append(cls(m.in_features, m.out_features, **kw))
-        else:
-            if m.groups != 1 or m.padding_mode != "zeros":
-                raise ValueError("group layers support only groups=1 and zero padding")
-            layers.append(cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, **kw))
-        first = False
-    return nn.Sequential(*layers)
+from .convert import ConversionWarning, bayesian_layers, forward_with_kl, kl_divergence, to_bayesian  # noqa: F401
+from .scales import PRIORS  # noqa: F401
 
 
 def lenet_300_100(prior: Optional[str] = "nj", **kwargs) -> nn.Sequential:
@@ -123,10 +34,113 @@ def lenet5_caffe(prior: Optional[str] = "nj", **kwargs) -> nn.Sequential:
     return net if prior is None else to_bayesian(net, prior, **kwargs)
 
 
-ARCHITECTURES = {"lenet_300_100": lenet_300_100, "lenet5_caffe": lenet5_caffe}
+# Channels of the VGG-like net's 13 conv layers, "M" a 2x2 max-pool (paper Table 1, as Sparse VD).
+VGG_CIFAR10_CHANNELS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
 
-def build(arch: str, prior: Optional[str]) -> nn.Sequential:
+class VGGCifar10(nn.Module):
+    """VGG-like net for 3x32x32 inputs: ``features`` (13 conv 3x3 + BN + ReLU, 5 max-pools)
+    leave 512x1x1, ``classifier`` is fc 512 + BN + ReLU, fc 10.
+
+    Layers followed by batch norm have no bias (batch norm's shift takes its place).
+    """
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = 3
+        for c in VGG_CIFAR10_CHANNELS:
+            if c == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += [nn.Conv2d(channels, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+                channels = c
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(
+            nn.Linear(512, 512, bias=False), nn.BatchNorm1d(512), nn.ReLU(), nn.Linear(512, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+def vgg_cifar10(prior: Optional[str] = "nj", **kwargs) -> nn.Module:
+    """The paper's VGG-like CIFAR-10 net (Table 1): 13 conv 3x3 + 2 fc layers, 14,977,728 weights.
+
+    That is the paper's "about 15.0M"; with the batch norms and the last bias the net has
+    14,987,210 parameters. ``prior=None`` gives the plain net; otherwise ``kwargs`` go to
+    :func:`to_bayesian`.
+    """
+    net = VGGCifar10()
+    return net if prior is None else to_bayesian(net, prior, **kwargs)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 conv + BN, added to the input (through a 1x1 conv + BN
+    when the stride or the width changes), then ReLU."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, channels, 1, stride, bias=False), nn.BatchNorm2d(channels)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out = out + self.shortcut(x)
+        return torch.relu(out)
+
+
+class ResNet18Cifar(nn.Module):
+    """ResNet-18 for 32x32 inputs: 3x3 stem (no max-pool), 4 stages of 2 basic blocks
+    (64, 128, 256, 512 channels; stride 2 from the second stage), average pool, fc."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        stages, channels = [], 64
+        for i, width in enumerate((64, 128, 256, 512)):
+            stride = 1 if i == 0 else 2
+            stages.append(nn.Sequential(BasicBlock(channels, width, stride), BasicBlock(width, width)))
+            channels = width
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def resnet18_cifar(prior: Optional[str] = "nj", **kwargs) -> nn.Module:
+    """ResNet-18 for CIFAR-10: 20 conv layers (3 of them 1x1 shortcuts) and one fc, 11,164,352 weights
+    (11,173,962 parameters with the batch norms and the fc bias).
+
+    Not in the paper; a residual net to compress with the same tools. ``prior=None`` gives
+    the plain net; otherwise ``kwargs`` go to :func:`to_bayesian`.
+    """
+    net = ResNet18Cifar()
+    return net if prior is None else to_bayesian(net, prior, **kwargs)
+
+
+ARCHITECTURES = {
+    "lenet_300_100": lenet_300_100,
+    "lenet5_caffe": lenet5_caffe,
+    "vgg_cifar10": vgg_cifar10,
+    "resnet18_cifar": resnet18_cifar,
+}
+
+
+def build(arch: str, prior: Optional[str]) -> nn.Module:
     """Build a network by name (used to rebuild a model from a checkpoint)."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}: use one of {sorted(ARCHITECTURES)}")

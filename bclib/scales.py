@@ -12,6 +12,7 @@ small module with the same interface:
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -121,10 +122,19 @@ class HorseshoeScale(nn.Module):
         )
 
 
-def make_scale(prior: str, groups: int, **kwargs: float) -> nn.Module:
-    """The scale posterior for ``prior`` in {"nj", "hs"}."""
-    if prior == "nj":
-        return NormalJeffreysScale(groups)
-    if prior == "hs":
-        return HorseshoeScale(groups, **kwargs)
-    raise ValueError(f"unknown prior {prior!r}: use 'nj' (normal-Jeffreys) or 'hs' (horseshoe)")
+# The priors: name -> scale posterior, built as ``PRIORS[name](groups, tau0=...)``. A new
+# prior is a scale module with the interface above, registered here.
+PRIORS: dict[str, Callable[..., nn.Module]] = {
+    "nj": lambda groups, tau0=None: NormalJeffreysScale(groups),
+    "hs": lambda groups, tau0=1e-5: HorseshoeScale(groups, tau0),
+}
+
+
+def make_scale(prior: str, groups: int, tau0: float = 1e-5) -> nn.Module:
+    """The scale posterior of ``prior`` (a name in :data:`PRIORS`) for ``groups`` groups.
+
+    ``tau0`` is the horseshoe's global scale; priors without one ignore it.
+    """
+    if prior not in PRIORS:
+        raise ValueError(f"unknown prior {prior!r}: use one of {sorted(PRIORS)} ('nj' normal-Jeffreys, 'hs' horseshoe)")
+    return PRIORS[prior](groups, tau0=tau0)

@@ -136,7 +136,7 @@ def test_masks_bad_input():
         compression.group_masks(net, [-3, math.nan, -3])
     with pytest.raises(TypeError, match="no Bayesian group layers"):
         compression.prune(models.lenet_300_100(None), [-3, -3, -3])
-    with pytest.raises(TypeError, match="nn.Sequential"):
+    with pytest.raises(TypeError, match="not a single LinearGroupHS"):
         compression.prune(LinearGroupHS(3, 2), [-3])
 
 

@@ -1,0 +1,155 @@
+"""From any plain network to a Bayesian one, and the questions asked of its group layers.
+
+:func:`to_bayesian` swaps every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` of a module, however
+deeply nested, for a group layer (:mod:`bclib.layers`) whose posterior means start at the
+plain layer's weights: the paper starts its Bayesian nets from pretrained ones this way.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from .layers import BayesianGroupLayer, ConvGroup, LinearGroup
+from .scales import PRIORS
+
+_CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+# Layers with weights that have no group layer: reported as left plain.
+_WEIGHTED = (nn.Linear, nn.modules.conv._ConvNd, nn.Bilinear, nn.Embedding)
+
+
+class ConversionWarning(UserWarning):
+    """``to_bayesian`` left layers with weights plain (``strict=True`` raises instead)."""
+
+
+def _why_plain(m: nn.Module) -> Optional[str]:
+    """Why ``m`` cannot become a group layer, or None if it can."""
+    if type(m) is nn.Linear:
+        return None
+    if type(m) in _CONV_DIMS:
+        if m.groups != 1:
+            return f"groups={m.groups} (group layers need groups=1)"
+        if m.padding_mode != "zeros":
+            return f"padding_mode={m.padding_mode!r} (group layers pad with zeros)"
+        return None
+    return f"no group layer for {type(m).__name__}"
+
+
+def _group_layer(m: nn.Module, prior: str, **kw) -> BayesianGroupLayer:
+    kw.update(bias=m.bias is not None, prior=prior, init_weight=m.weight, init_bias=m.bias)
+    if isinstance(m, nn.Linear):
+        layer: BayesianGroupLayer = LinearGroup(m.in_features, m.out_features, **kw)
+    else:
+        layer = ConvGroup(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
+                          dims=_CONV_DIMS[type(m)], **kw)  # fmt: skip
+    return layer.to(device=m.weight.device, dtype=m.weight.dtype)
+
+
+def to_bayesian(
+    model: nn.Module,
+    prior: str = "nj",
+    clip_var: Optional[float] = 0.04,
+    tau0: float = 1e-5,
+    keep_plain: Iterable[str] = (),
+    strict: bool = False,
+) -> nn.Module:
+    """A copy of ``model`` with each ``nn.Linear`` and ``nn.Conv1d/2d/3d`` made a group layer.
+
+    Args:
+        model: any ``nn.Module``; it is not changed.
+        prior: a name in ``bclib.scales.PRIORS`` ("nj" for BC-GNJ, "hs" for BC-GHS).
+        clip_var: caps the weight variance of the *first* converted layer only (in
+            registration order), as the public tutorial does; None for no cap.
+        tau0: the horseshoe's global scale.
+        keep_plain: qualified module names (as in ``model.named_modules()``) to leave plain,
+            with everything inside them (e.g. ``["fc"]`` for a ResNet's last layer).
+        strict: raise ``ValueError`` instead of warning when a layer with weights cannot be
+            converted (grouped or circular-padded convolutions, transposed convolutions,
+            subclasses of ``nn.Linear`` such as attention's projections, embeddings).
+
+    The posterior means start at the plain weights and biases. Layers left plain are listed
+    in a :class:`ConversionWarning` with the reason.
+    """
+    if prior not in PRIORS:
+        raise ValueError(f"unknown prior {prior!r}: use one of {sorted(PRIORS)}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"to_bayesian needs an nn.Module, got {type(model).__name__}")
+    keep = set(keep_plain)
+    names = {name for name, _ in model.named_modules()}
+    if keep - names:
+        raise ValueError(f"keep_plain names {sorted(keep - names)} are not modules of the model; "
+                         f"names look like {sorted(n for n in names if n)[:5]}")  # fmt: skip
+    if isinstance(model, BayesianGroupLayer) or any(isinstance(m, BayesianGroupLayer) for m in model.modules()):
+        raise ValueError("the model already has Bayesian group layers: convert the plain network")
+    net = copy.deepcopy(model)
+    left: list[str] = []
+    first = True
+
+    def convert(parent: nn.Module, prefix: str) -> None:
+        nonlocal first
+        for child_name, child in parent.named_children():
+            name = f"{prefix}{child_name}"
+            if name in keep:
+                continue
+            why = _why_plain(child) if isinstance(child, _WEIGHTED) else "container"
+            if why is None:
+                extra = {"clip_var": clip_var if first else None, "tau0": tau0}
+                setattr(parent, child_name, _group_layer(child, prior, **extra))
+                first = False
+            elif why == "container":
+                convert(child, name + ".")
+            else:
+                left.append(f"{name or type(child).__name__} ({why})")
+
+    if isinstance(net, _WEIGHTED):  # a single layer
+        holder = nn.Sequential(net)
+        convert(holder, "")
+        net = holder[0]
+    else:
+        convert(net, "")
+    if left:
+        msg = f"to_bayesian left {len(left)} layer(s) with weights plain: " + "; ".join(left)
+        if strict:
+            raise ValueError(msg + ". Pass keep_plain=[...] to keep them plain on purpose, or strict=False.")
+        warnings.warn(msg, ConversionWarning, stacklevel=2)
+    return net
+
+
+def bayesian_layers(model: nn.Module) -> list[BayesianGroupLayer]:
+    """The group layers of ``model`` in registration order (``model.modules()``), each once.
+
+    This is the order in which thresholds (one ``log_alpha`` per layer), masks and bit widths
+    are given everywhere in bclib. For the networks of :mod:`bclib.models` it is the forward order.
+    """
+    return [m for m in model.modules() if isinstance(m, BayesianGroupLayer)]
+
+
+def kl_divergence(model: nn.Module) -> torch.Tensor:
+    """``KL(q || p)`` summed over all group layers of ``model`` (paper eq. 7's KL term; 0 for a plain net)."""
+    layers = bayesian_layers(model)
+    if not layers:
+        return torch.zeros(())
+    return torch.stack([layer.kl_divergence() for layer in layers]).sum()
+
+
+def forward_with_kl(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(model(x), kl_divergence(model))``, cheaper in training mode.
+
+    There the group linear layers compute their weights' KL inside their forward pass
+    (:func:`bclib.lrt.linear_lrt`), sharing its work; the other layers add ``kl_divergence()``.
+    """
+    layers = bayesian_layers(model)
+    terms: dict[nn.Module, torch.Tensor] = {}
+    for layer in layers:
+        layer.kl_terms = terms
+    try:
+        out = model(x)
+    finally:
+        for layer in layers:
+            layer.kl_terms = None
+    if not layers:
+        return out, torch.zeros((), device=out.device)
+    return out, torch.stack([terms[m] if m in terms else m.kl_divergence() for m in layers]).sum()

@@ -1,0 +1,259 @@
+"""Compress any network: conversion of any nn.Module, and the graph-driven pruning invariant.
+
+The invariant: ``prune(model, t)`` gives, in eval mode, the outputs of the model after
+``apply_masks(model, group_masks(model, t))``, with fewer parameters and no bclib modules.
+The masked model is an independent oracle: it runs the Bayesian layers at full size with
+zeroed weights, while the pruned one is rebuilt from plain torch layers of reduced sizes.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bclib import compression, layers, models, train
+from bclib.convert import ConversionWarning
+
+
+def sparsify(model: nn.Module, share: float = 0.4, seed: int = 0) -> list[float]:
+    """Set a random ``share`` of every group layer's groups to a high ``log_alpha``; thresholds 0."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in models.bayesian_layers(model):
+            logvar = layer.scale.z_logvar if layer.prior == "nj" else layer.scale.a_logvar
+            logvar[torch.rand(logvar.shape, generator=g) < share] = 4.0
+    return [0.0] * len(models.bayesian_layers(model))
+
+
+def randomise_batchnorm(model: nn.Module, seed: int = 0) -> None:
+    """Non-trivial BatchNorm statistics and affine parameters, so its shift matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.randn(n, generator=g) * 0.5 + 1)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.5)
+
+
+def n_params(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+def check_invariant(bayes: nn.Module, x: torch.Tensor, thresholds: list[float], example_input=None) -> nn.Module:
+    """Pruned == masked in eval mode; the pruned net is plain torch and smaller. Returns it."""
+    bayes.eval()
+    masks = compression.group_masks(bayes, thresholds, example_input)
+    compression.apply_masks(bayes, masks)
+    with torch.no_grad():
+        want = bayes(x)
+    compression.apply_masks(bayes, None)
+    with torch.no_grad():
+        unmasked = bayes(x)
+    pruned = compression.prune(bayes, thresholds, example_input)
+    with torch.no_grad():
+        got = pruned(x)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(unmasked, want, atol=1e-4), "the thresholds pruned nothing that matters"
+    assert not any(m.__module__.startswith("bclib") for m in pruned.modules())
+    dense = compression.prune(bayes, [1e9] * len(thresholds), example_input)  # keeps every group
+    assert n_params(pruned) < n_params(dense)
+    return pruned
+
+
+class CustomMLP(nn.Module):
+    """A user's own module: not a Sequential, functional ReLU, a view."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(64, 32)
+        self.out = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(F.relu(self.hidden(x.view(x.size(0), -1))))
+
+
+def bn_cnn() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU(), nn.Dropout(0.2),
+        nn.Flatten(), nn.Linear(24 * 4 * 4, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10),
+    )  # fmt: skip
+
+
+class Branches(nn.Module):
+    """Two conv branches concatenated along the channels, then adaptive pooling and a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(3, 6, 5, padding=2)
+        self.bn = nn.BatchNorm2d(14)
+        self.mix = nn.Conv2d(14, 12, 1)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(12 * 4 + 14, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn(torch.cat([self.a(x), self.b(x)], dim=1)))
+        skip = y.mean((2, 3))  # the concatenated channels also feed the classifier directly
+        return self.fc(torch.cat([torch.flatten(self.pool(F.relu(self.mix(y))), 1), skip], 1))
+
+
+def test_custom_module_mlp():
+    bayes = models.to_bayesian(CustomMLP(), "nj")
+    assert isinstance(bayes.hidden, layers.LinearGroup) and isinstance(bayes.out, layers.LinearGroup)
+    x = torch.randn(6, 1, 8, 8)
+    check_invariant(bayes, x, sparsify(bayes), example_input=x[:1])
+
+
+@pytest.mark.parametrize("prior", ["nj", "hs"])
+def test_sequential_cnn_with_batchnorm_and_dropout(prior):
+    torch.manual_seed(0)
+    plain = bn_cnn()
+    randomise_batchnorm(plain)
+    bayes = models.to_bayesian(plain, prior)
+    x = torch.randn(4, 3, 8, 8)
+    pruned = check_invariant(bayes, x, sparsify(bayes))
+    bns = [m for m in pruned.modules() if isinstance(m, nn.BatchNorm2d)]
+    convs = [m for m in pruned.modules() if isinstance(m, nn.Conv2d)]
+    assert [b.num_features for b in bns] == [c.out_channels for c in convs]  # BN went with its filters
+    assert convs[0].out_channels < 16
+
+
+def test_pruned_channel_is_zero_after_batchnorm():
+    """The meaning of a pruned channel: zero after BatchNorm too, not BatchNorm's shift."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 2))
+    randomise_batchnorm(plain)
+    with torch.no_grad():
+        plain[1].bias.fill_(1.0)  # a positive shift: a zeroed filter alone would leave a constant 1
+    bayes = models.to_bayesian(plain).eval()
+    la = [-9.0, 9.0, -9.0, -9.0]  # filter 1 pruned
+    with torch.no_grad():
+        bayes[0].scale.z_mu.fill_(1.0)
+        bayes[0].scale.z_logvar.copy_(torch.tensor(la))
+        bayes[4].scale.z_logvar.fill_(-9.0)
+    masks = compression.group_masks(bayes, [0.0, 0.0])
+    assert list(masks.channels) == ["1"] and masks.channels["1"].tolist() == [True, False, True, True]
+    compression.apply_masks(bayes, masks)
+    feats = bayes[:3](torch.randn(2, 1, 8, 8))
+    assert feats[:, 1].abs().sum() == 0 and feats[:, 0].abs().sum() > 0
+    check_invariant(bayes, torch.randn(3, 1, 8, 8), [0.0, 0.0])
+
+
+@pytest.mark.parametrize("prior", ["nj", "hs"])
+def test_torchvision_resnet18(prior):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    plain = torchvision.models.resnet18(num_classes=10)
+    randomise_batchnorm(plain)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConversionWarning)
+        bayes = models.to_bayesian(plain, prior)
+    n_conv = sum(isinstance(m, nn.Conv2d) for m in plain.modules())
+    assert len(models.bayesian_layers(bayes)) == n_conv + 1 == 21
+    x = torch.randn(2, 3, 32, 32)
+    pruned = check_invariant(bayes, x, sparsify(bayes, 0.3))
+    # The residual stream is coupled: the stem keeps exactly the channels layer1's blocks keep.
+    width = [pruned.get_submodule(n) for n in ("conv1", "bn1", "layer1.0.conv2", "layer1.1.conv2", "layer2.0.conv1")]
+    assert width[0].out_channels == width[1].num_features == width[2].out_channels == width[3].out_channels
+    assert width[4].in_channels == width[0].out_channels < 64
+
+
+def test_concatenated_branches_and_adaptive_pooling():
+    torch.manual_seed(0)
+    plain = Branches()
+    randomise_batchnorm(plain)
+    bayes = models.to_bayesian(plain, "nj")
+    x = torch.randn(3, 3, 12, 12)
+    pruned = check_invariant(bayes, x, sparsify(bayes, 0.5), example_input=x[:1])
+    assert pruned.bn.num_features == pruned.a.out_channels + pruned.b.out_channels
+
+
+def test_train_step_then_prune_any_module():
+    torch.manual_seed(0)
+    bayes = models.to_bayesian(CustomMLP(), "hs")
+    x, y = torch.randn(16, 64), torch.randint(0, 10, (16,))
+    history = train.train(bayes, [(x, y)], epochs=1, n_data=16, progress=False)
+    assert torch.isfinite(torch.tensor(history[-1]["loss"]))
+    assert float(models.kl_divergence(bayes)) > 0
+    check_invariant(bayes, x, sparsify(bayes), example_input=x[:1])
+
+
+def test_layers_take_the_prior_as_an_argument():
+    assert layers.LinearGroup(5, 3, prior="hs").prior == "hs"
+    conv = layers.ConvGroup(2, 4, 3, prior="hs", dims=1)
+    assert conv(torch.randn(2, 2, 9)).shape == (2, 4, 7)
+    assert isinstance(layers.Conv3dGroupHS(1, 2, 3), layers.ConvGroup)
+    with pytest.raises(ValueError, match="unknown prior 'xx'"):
+        layers.LinearGroup(5, 3, prior="xx")
+
+
+def test_to_bayesian_reports_what_it_leaves_plain():
+    net = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.ConvTranspose2d(4, 4, 3), nn.Conv2d(4, 8, 1), nn.Flatten(), nn.Linear(8, 3))
+    with pytest.warns(ConversionWarning, match=r"0 \(groups=2.*1 \(no group layer for ConvTranspose2d\)"):
+        bayes = models.to_bayesian(net)
+    assert [type(m).__name__ for m in bayes][:3] == ["Conv2d", "ConvTranspose2d", "ConvGroup"]
+    with pytest.raises(ValueError, match="left 2 layer"):
+        models.to_bayesian(net, strict=True)
+    kept = models.to_bayesian(bn_cnn(), keep_plain=["12"])
+    assert type(kept[12]) is nn.Linear and isinstance(kept[9], layers.LinearGroup)
+    with pytest.raises(ValueError, match="not modules of the model"):
+        models.to_bayesian(bn_cnn(), keep_plain=["fc"])
+    with pytest.raises(ValueError, match="already has Bayesian group layers"):
+        models.to_bayesian(models.lenet_300_100("nj"))
+
+
+def test_kept_plain_last_layer_prunes_through():
+    """A plain layer after a group layer loses the inputs its producer dropped."""
+    torch.manual_seed(0)
+    plain = bn_cnn()
+    randomise_batchnorm(plain)
+    bayes = models.to_bayesian(plain, keep_plain=["9"])
+    x = torch.randn(4, 3, 8, 8)
+    pruned = check_invariant(bayes, x, sparsify(bayes))
+    assert pruned.get_submodule("9").in_features < 24 * 4 * 4
+
+
+class Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # data-dependent control flow
+            return self.fc(x)
+        return -self.fc(x)
+
+
+def test_untraceable_model_gets_a_clear_error():
+    bayes = models.to_bayesian(Untraceable())
+    with pytest.raises(TypeError, match="cannot be traced by torch.fx.*control flow"):
+        compression.prune(bayes, [0.0])
+
+
+def test_barrier_keeps_every_channel():
+    """A sigmoid maps a zero channel to 0.5: the filters before it must all stay."""
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Sigmoid(), nn.Flatten(), nn.Linear(4 * 36, 2))
+    bayes = models.to_bayesian(net).eval()
+    thresholds = sparsify(bayes, 0.5)
+    masks = compression.group_masks(bayes, thresholds)
+    assert bool(masks[0].outputs.all())
+    pruned = compression.prune(bayes, thresholds)
+    compression.apply_masks(bayes, masks)
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(pruned(x), bayes(x))
+
+
+def test_reshape_needs_example_input():
+    bayes = models.to_bayesian(CustomMLP())
+    with pytest.raises(ValueError, match="pass example_input"):
+        compression.group_masks(bayes, [0.0, 0.0])
+    with pytest.raises(ValueError, match="fails on example_input of shape"):
+        compression.group_masks(bayes, [0.0, 0.0], example_input=torch.randn(1, 3))
