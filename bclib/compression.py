@@ -1,10 +1,10 @@
 """From a trained Bayesian network to a small one: masks, bit precision, rates, pruning.
 
-Pruning (paper sec. 4): group ``i`` of a layer is kept when ``log_alpha_i < threshold``.
-Removing a group also removes what only fed it: a pruned input neuron of layer ``l+1`` is
-a pruned output neuron of layer ``l``; a pruned filter of a conv layer removes that input
-channel of the next conv layer, or that channel's block of features of the next linear
-layer (the conv -> fc hand-over); a filter whose features are all pruned downstream goes too.
+Pruning (paper sec. 4): group ``i`` of a layer is kept when ``log_alpha_i < threshold``, one
+threshold per group layer in ``bayesian_layers`` order. What a pruned group takes with it
+elsewhere (the neurons that only fed it, a filter's BatchNorm channel, the block of features
+a filter hands to a fully connected layer, channels coupled by a residual add) is read from
+the network's graph by :mod:`bclib.graph`, so any model ``torch.fx`` can trace compresses.
 
 Bit precision (paper sec. 4): a weight needs the significand bits whose resolution ``2^-t``
 is coarser than twice its posterior variance; a layer takes the mean over its kept weights,
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 import weakref
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -344,6 +344,12 @@ def prune(model: nn.Module, thresholds: Sequence[float], example_input: Optional
     return net
 
 
+def dense(model: nn.Module, example_input: Optional[torch.Tensor] = None) -> torch.fx.GraphModule:
+    """The plain network at full size with the posterior means ``E[w]``: :func:`prune` keeping every group."""
+    keep_all = [layer.log_alpha.max().item() + 1.0 for layer in _layers_of(model)]
+    return prune(model, keep_all, example_input)
+
+
 def _attr(gm: nn.Module, target: str) -> Any:
     for part in target.split("."):
         gm = getattr(gm, part)
@@ -412,9 +418,8 @@ def search_thresholds(
     ``log_alpha``, so rounding it changes nothing; every layer keeps at least one group.
     """
     layers = _layers_of(model)
-    keep_all = [layer.log_alpha.max().item() + 1.0 for layer in layers]
-    base = accuracy_of(prune(model, keep_all, example_input))
-    thresholds = list(keep_all)
+    base = accuracy_of(dense(model, example_input))
+    thresholds = [layer.log_alpha.max().item() + 1.0 for layer in layers]
     order = sorted(range(len(layers)), key=lambda i: -layers[i].weight_mu.numel())
     for _ in range(passes):
         for i in order:

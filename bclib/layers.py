@@ -116,7 +116,7 @@ class BayesianGroupLayer(nn.Module):
 
     def kl_divergence(self) -> torch.Tensor:
         """KL(q(z, w) || p(z, w)): the scale's KL plus the weights' (and bias') ``KL(N(mu, s^2) || N(0, 1))``."""
-        kl = self.scale.kl() + kl_std_normal_sum(self.weight_mu, self.weight_logvar)
+        kl = self.scale.kl_divergence() + kl_std_normal_sum(self.weight_mu, self.weight_logvar)
         if self.bias_mu is not None:
             kl = kl + kl_std_normal_sum(self.bias_mu, self.bias_logvar)
         return kl
@@ -176,7 +176,7 @@ class LinearGroup(BayesianGroupLayer):
         with_kl = self.kl_terms is not None and self not in self.kl_terms
         out, kl = linear_lrt(x2, z, self.weight_mu, self.weight_logvar, self.bias_mu, self.bias_logvar, eps, with_kl)
         if with_kl:
-            self.kl_terms[self] = self.scale.kl() + kl
+            self.kl_terms[self] = self.scale.kl_divergence() + kl
         return out.view(*x.shape[:-1], self.out_features)
 
     def plain(self, inputs: torch.Tensor, outputs: torch.Tensor) -> nn.Linear:

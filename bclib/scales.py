@@ -7,7 +7,8 @@ small module with the same interface:
 - ``sample(n)``: ``n`` independent draws, shape ``(n, groups)``, reparametrised;
 - ``mean`` / ``variance``: the posterior moments of ``z``;
 - ``log_alpha``: the log "dropout rate" ``log Var[z]/E[z]^2`` used for pruning;
-- ``kl()``: the KL divergence of the scale posterior from its prior, summed.
+- ``kl_divergence()``: KL of the scale posterior from its prior, summed (the name every
+  bclib object uses for its KL: layers, scales, ``bclib.models.kl_divergence(model)``).
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ class NormalJeffreysScale(nn.Module):
     def log_alpha(self) -> torch.Tensor:
         return self.z_logvar - torch.log(self.z_mu.pow(2) + _EPS)
 
-    def kl(self) -> torch.Tensor:
+    def kl_divergence(self) -> torch.Tensor:
         return kl_log_uniform(self.log_alpha).sum()
 
 
@@ -113,7 +114,7 @@ class HorseshoeScale(nn.Module):
         _, v = self._log_z_moments()
         return torch.log(torch.expm1(v) + _EPS)
 
-    def kl(self) -> torch.Tensor:
+    def kl_divergence(self) -> torch.Tensor:
         return (
             kl_lognormal_gamma(self.sa_mu, self.sa_logvar, self.tau0**2).sum()
             + kl_lognormal_invgamma(self.sb_mu, self.sb_logvar).sum()

@@ -23,25 +23,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
-from bclib import models
-from bclib.compression import compression_report, prune
+from bclib import compression, cost, models
+from bclib.compression import compression_report, prune, quantized
 from bclib.config import results_dir
 from bclib.data import load_mnist
 from bclib.export import export_compressed
 from bclib.load_compressed import load_compressed
-from bclib.reproduce import quantized
 from bclib.train import load_checkpoint
 
 BATCH_SIZES = (1, 64, 1024)
@@ -87,7 +85,7 @@ class Row:
 def shipped_cases(results: Path) -> list[Case]:
     """Finished runs in ``results``; a hand-pruned fresh net for an architecture without any."""
     cases = []
-    for arch in models.ARCHITECTURES:
+    for arch in FALLBACK_PRUNED:  # the MNIST nets; bench_any_network.py times VGG and ResNet
         found = []
         for prior in PRIORS:
             ckpt, summary = results / f"{arch}-{prior}.pt", results / f"{arch}-{prior}.json"
@@ -108,35 +106,6 @@ def fallback_case(arch: str, seed: int = 0) -> Case:
             z_logvar = layer.scale.z_logvar
             z_logvar[torch.randperm(z_logvar.numel())[: round(share * z_logvar.numel())]] = 4.0
     return Case(f"{arch}-nj", "FALLBACK: fresh net, random weights, hand-set log_alpha", model, [0.0] * len(layers))
-
-
-@torch.no_grad()
-def dense_net(bayes: nn.Sequential, arch: str) -> nn.Sequential:
-    """The plain full-size network holding the posterior means ``E[w]`` and bias means."""
-    plain = models.build(arch, None).eval()
-    for p, b in zip([m for m in plain if isinstance(m, WEIGHTED)], models.bayesian_layers(bayes)):
-        p.weight.copy_(b.posterior_weight_mean())
-        p.bias.copy_(b.posterior_bias_mean())
-    return plain
-
-
-def count_macs(net: nn.Module, x: torch.Tensor) -> int:
-    """Multiply-adds of the linear and conv layers for one input ``x`` (batch of 1)."""
-    total = 0
-
-    def hook(m: nn.Module, _: Any, out: torch.Tensor) -> None:
-        nonlocal total
-        if isinstance(m, nn.Linear):
-            total += m.in_features * out.numel()
-        elif isinstance(m, nn.Conv2d):
-            total += out.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
-
-    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, WEIGHTED)]
-    with torch.inference_mode():
-        net(x)
-    for h in handles:
-        h.remove()
-    return total
 
 
 def time_nets(nets: dict[str, nn.Module], x: torch.Tensor, repeats: int, warmup: int = 3) -> dict[str, float]:
@@ -163,9 +132,8 @@ def test_error(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def benchmark(case: Case, repeats: int, mnist: Optional[tuple[torch.Tensor, torch.Tensor]], tmp: Path) -> Row:
-    arch = case.name.rsplit("-", 1)[0]
     report = compression_report(case.model, case.thresholds)
-    dense, pruned = dense_net(case.model, arch), prune(case.model, case.thresholds)
+    dense, pruned = compression.dense(case.model), prune(case.model, case.thresholds)
     path = tmp / f"{case.name}.bclb"
     file_bytes = export_compressed(case.model, case.thresholds, path)
     reloaded = load_compressed(path)
@@ -174,7 +142,7 @@ def benchmark(case: Case, repeats: int, mnist: Optional[tuple[torch.Tensor, torc
     row = Row(
         name=case.name, source=case.source,
         architecture="-".join(f"{i}x{o}" for i, o in report.architecture),
-        macs_dense=count_macs(dense, one), macs_compressed=count_macs(reloaded, one),
+        macs_dense=cost.macs(dense, one), macs_compressed=cost.macs(reloaded, one),
         dense_state_bytes=4 * sum(p.numel() for p in dense.parameters()), dense_weight_bytes=4 * dense_weights,
         file_bytes=file_bytes, rate_achieved=4 * dense_weights / file_bytes, rate_precision=report.rate_precision,
     )  # fmt: skip

@@ -167,7 +167,7 @@ def test_half_cauchy_split():
 
 def test_layer_kl_sums_parts():
     layer = layers.LinearGroupHS(6, 4)
-    expected = (layer.scale.kl() + kl.kl_std_normal(layer.weight_mu, layer.weight_logvar).sum()
+    expected = (layer.scale.kl_divergence() + kl.kl_std_normal(layer.weight_mu, layer.weight_logvar).sum()
                 + kl.kl_std_normal(layer.bias_mu, layer.bias_logvar).sum())  # fmt: skip
     torch.testing.assert_close(layer.kl_divergence(), expected)
     net = models.lenet_300_100("hs")

@@ -1,0 +1,45 @@
+"""What a network costs to run: multiply-adds per example, counted by running it once."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .layers import BayesianGroupLayer, ConvGroup, LinearGroup
+
+
+def _layer_macs(m: nn.Module, out: torch.Tensor) -> int:
+    """Multiply-adds of one call of a linear or convolution layer (whole batch)."""
+    if isinstance(m, (nn.Linear, LinearGroup)):
+        return out.numel() * m.in_features
+    if isinstance(m, nn.modules.conv._ConvNd):
+        return out.numel() * (m.in_channels // m.groups) * math.prod(m.kernel_size)
+    if isinstance(m, ConvGroup):
+        return out.numel() * m.in_channels * math.prod(m.kernel_size)
+    return 0
+
+
+@torch.no_grad()
+def macs(net: nn.Module, example_input: torch.Tensor) -> int:
+    """Multiply-adds per example of ``net``'s linear and convolution layers (dense count; others ignored).
+
+    Runs ``net`` once in eval mode on ``example_input`` (any batch size) with forward hooks.
+    Group layers count at their full size: prune first to count what is kept.
+    """
+    total = 0
+
+    def hook(m: nn.Module, args: object, out: torch.Tensor) -> None:
+        nonlocal total
+        total += _layer_macs(m, out)
+
+    kinds = (nn.Linear, nn.modules.conv._ConvNd, BayesianGroupLayer)
+    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, kinds)]
+    was_training = net.training
+    try:
+        net.eval()(example_input)
+    finally:
+        net.train(was_training)
+        for h in handles:
+            h.remove()
+    return total // len(example_input)
