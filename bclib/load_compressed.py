@@ -22,6 +22,12 @@ float32 values (biases are few, so they are not reduced). A weight decodes as
 ``(-1)^sign (1 + f / 2^S) 2^(e_max + 1 - code)``, or 0 when ``code`` is 0 (paper sec. 4's
 bit precision, with the exponent stored relative to the layer's largest, ``e_max``).
 A select chunk is a bit mask over the incoming features (numpy bit order): the kept ones.
+
+The writer folds each BatchNorm into the linear or conv layer right before it (scaling its
+weights and shifting its bias, in float64, then float32) and then rounds the folded weights,
+which keep that layer's bit widths: the file reproduces "fold, then round", not the rounded
+layer followed by the BatchNorm. Dropout, an identity at inference, is not stored. Neither
+adds a layer type, so such files are still format version 1.
 """
 from __future__ import annotations
 

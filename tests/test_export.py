@@ -13,12 +13,13 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
+import torch.fx
 from torch import nn
 
 import bclib.load_compressed as lc
 from bclib import models, precision
-from bclib.compression import compression_report, prune
-from bclib.export import _pack_bits, export_compressed
+from bclib.compression import LayerBits, compression_report, prune
+from bclib.export import _pack_bits, _write_net, export_compressed, fold_batchnorm
 from bclib.load_compressed import load_compressed
 from bclib.reproduce import quantized
 
@@ -122,6 +123,144 @@ def test_unsupported_layer_writes_nothing(tmp_path: Path) -> None:
     model = models.to_bayesian(nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(12, 3)))
     with pytest.raises(TypeError, match="stores Linear, Conv2d"):
         export_compressed(model, [0.0, 0.0], tmp_path / "net.bclb")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- BatchNorm folding and dropout -----------------------------------------------------------
+def with_running_stats(net: nn.Module, seed: int = 0) -> nn.Module:
+    """``net`` with random BatchNorm running statistics and affine parameters (not 0/1)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                if m.track_running_stats:
+                    m.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)
+                    m.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.2)
+                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=gen) * 0.3)
+    return net.eval()
+
+
+def batchnorms(net: nn.Module) -> int:
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+
+def bn_cnn() -> nn.Sequential:
+    """Conv2d-BatchNorm2d-ReLU-MaxPool-Dropout-Flatten-Linear-BatchNorm1d-ReLU-Dropout-Linear for 1x12x12 inputs."""
+    torch.manual_seed(0)
+    return with_running_stats(nn.Sequential(
+        nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.5), nn.Flatten(),
+        nn.Linear(4 * 5 * 5, 16, bias=False), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 10),
+    ))  # fmt: skip
+
+
+class SharedOutput(nn.Module):
+    """A conv output read by a BatchNorm and by the residual add: folding would change the add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def test_fold_batchnorm_is_exact_and_leaves_the_net_alone() -> None:
+    net = bn_cnn()
+    folded = fold_batchnorm(net.train())
+    assert isinstance(folded, torch.fx.GraphModule) and not folded.training
+    assert batchnorms(folded) == 0 and batchnorms(net) == 2 and net.training
+    x = torch.randn(8, 1, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), net.eval()(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "make, shape",
+    [
+        (lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.BatchNorm2d(3)), (2, 6, 6)),  # after a ReLU
+        (SharedOutput, (3, 5, 5)),
+        (lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3, track_running_stats=False)), (2, 6, 6)),
+        (lambda: nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), (4, 4)),  # (N, 4, 4): normalizes dim 1, not features
+    ],
+    ids=["after-relu", "shared-output", "batch-statistics", "linear-3d"],
+)
+def test_fold_batchnorm_keeps_what_cannot_fold(make: Callable[[], nn.Module], shape: tuple[int, ...]) -> None:
+    net = with_running_stats(make())
+    x = torch.randn(6, *shape)
+    folded = fold_batchnorm(net, x[:2])
+    assert batchnorms(folded) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), net(x), atol=1e-5, rtol=1e-5)
+
+
+def test_batchnorm_and_dropout_round_trip(tmp_path: Path) -> None:
+    """BatchNorm folds into the layer before it, which keeps its bits ("fold, then round"); dropout is not stored."""
+    net = bn_cnn()
+    bits = [LayerBits(3, 5), LayerBits(4, 7), LayerBits(5, 2)]
+    size = _write_net(torch.fx.symbolic_trace(net), bits, tmp_path / "net.bclb")
+    loaded = load_compressed(tmp_path / "net.bclb")
+
+    spec, _ = lc._read_file((tmp_path / "net.bclb").read_bytes())
+    types = [layer["type"] for layer in spec["layers"]]
+    assert types == ["conv2d", "relu", "maxpool2d", "flatten", "linear", "relu", "linear"]  # no batchnorm, no dropout
+    assert size == (tmp_path / "net.bclb").stat().st_size
+    ref = quantized(fold_batchnorm(net), bits)
+    assert_same_weights(loaded, ref)
+    assert loaded[0].bias is not None and loaded[4].bias is not None  # the folded shift
+    x = torch.randn(16, 1, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), ref(x), atol=1e-5, rtol=0)
+
+
+def test_bayesian_net_with_batchnorm_and_dropout(tmp_path: Path) -> None:
+    """export_compressed prunes filters with their BatchNorm channels, then folds and rounds."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(
+        nn.Conv2d(1, 6, 3, bias=False), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.3),
+        nn.Flatten(), nn.Linear(6 * 5 * 5, 10),
+    )  # fmt: skip
+    model = models.to_bayesian(with_running_stats(plain)).eval()
+    with torch.no_grad():
+        models.bayesian_layers(model)[0].scale.z_logvar[:2] = 4.0  # log_alpha > 0: two filters go
+    thresholds = [0.0, 0.0]
+    export_compressed(model, thresholds, tmp_path / "net.bclb")
+    net = load_compressed(tmp_path / "net.bclb")
+    ref = quantized(fold_batchnorm(prune(model, thresholds)), compression_report(model, thresholds).bits)
+
+    assert net[0].out_channels == 4 and not any(isinstance(m, nn.Dropout) for m in net)
+    assert_same_weights(net, ref)
+    x = torch.randn(8, 1, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), ref(x), atol=1e-5, rtol=0)
+
+
+def test_only_former_group_layers_are_rounded(tmp_path: Path) -> None:
+    """A net from ``prune`` names its former group layers; a layer ``to_bayesian`` left plain keeps float32 precision."""
+    net = torch.fx.symbolic_trace(bn_cnn())
+    net.bayesian_layer_names = ["0", "10"]  # the conv and the last linear layer; "6" stayed plain
+    bits = [LayerBits(3, 5), LayerBits(5, 2)]
+    _write_net(net, bits, tmp_path / "net.bclb")
+    loaded, folded = load_compressed(tmp_path / "net.bclb"), fold_batchnorm(net)
+    assert folded.bayesian_layer_names == ["0", "10"]
+    assert torch.equal(loaded[0].weight, precision.round_to_bits(folded.get_submodule("0").weight, 3, 5))
+    assert torch.equal(loaded[4].weight, folded.get_submodule("6").weight)
+    assert torch.equal(loaded[6].weight, precision.round_to_bits(folded.get_submodule("10").weight, 5, 2))
+
+
+def test_unfoldable_batchnorm_writes_nothing(tmp_path: Path) -> None:
+    net = torch.fx.symbolic_trace(with_running_stats(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.BatchNorm1d(3))))
+    with pytest.raises(TypeError, match=r"cannot fold BatchNorm1d\(3.*must directly follow"):
+        _write_net(net, [LayerBits(3, 3)], tmp_path / "net.bclb")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("count", [1, 4])
+def test_bits_per_layer_count_checked(tmp_path: Path, count: int) -> None:
+    with pytest.raises(ValueError, match=rf"got {count} bit widths for 3 layers \(0, 6, 10\): give one LayerBits per layer"):
+        _write_net(bn_cnn(), [LayerBits(3, 3)] * count, tmp_path / "net.bclb")
     assert list(tmp_path.iterdir()) == []
 
 
