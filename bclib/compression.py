@@ -386,8 +386,8 @@ def _copy_sliced(old: nn.Module, new: nn.Module, cut: Callable[[torch.Tensor], t
 
 def quantized(net: nn.Module, bits: Sequence[LayerBits]) -> nn.Module:
     """A copy of a pruned net (:func:`prune`) with each former group layer's weights rounded to its bits."""
+    names = getattr(net, "bayesian_layer_names", None)  # read first: deepcopy drops it
     net = copy.deepcopy(net)
-    names = getattr(net, "bayesian_layer_names", None)
     if names is not None:
         layers = [net.get_submodule(n) for n in names]
     else:  # a plain net of other origin: its linear and conv layers in order

@@ -257,3 +257,15 @@ def test_reshape_needs_example_input():
         compression.group_masks(bayes, [0.0, 0.0])
     with pytest.raises(ValueError, match="fails on example_input of shape"):
         compression.group_masks(bayes, [0.0, 0.0], example_input=torch.randn(1, 3))
+
+
+def test_quantized_rounds_only_former_group_layers():
+    """A layer kept plain before the group layers keeps its float32 weights."""
+    torch.manual_seed(0)
+    bayes = models.to_bayesian(bn_cnn(), keep_plain=["0"])
+    thresholds = sparsify(bayes)
+    pruned = compression.prune(bayes, thresholds)
+    bits = compression.compression_report(bayes, thresholds).bits
+    q = compression.quantized(pruned, bits)
+    assert torch.equal(q.get_submodule("0").weight, pruned.get_submodule("0").weight)
+    assert not torch.equal(q.get_submodule("4").weight, pruned.get_submodule("4").weight)
