@@ -81,6 +81,10 @@ class Masks(list):
         self.channels = channels
 
 
+class EmptyLayerError(ValueError):
+    """The thresholds remove every input or output of a group layer (the signal would stop there)."""
+
+
 @dataclass
 class _Solution:
     structure: graph.Structure
@@ -142,6 +146,9 @@ def _solve(model: nn.Module, thresholds: Sequence[float], example_input: Optiona
             ins = st.features(use.in_segs, alive)
             ins = ins & own[name] if layer.groups_on == "inputs" else ins
             outs = alive(atoms.find(use.out_atom), atoms.get_size(use.out_atom))
+        if use is not None and not (bool(ins.any()) and bool(outs.any())):
+            raise EmptyLayerError(f"the thresholds leave group layer {name} with no {'inputs' if outs.any() else 'outputs'} "
+                                  f"(kept {int(ins.sum())} x {int(outs.sum())}): raise its threshold or those that feed it")  # fmt: skip
         layer_masks.append(LayerMask(ins, outs))
     channels = {n: f for n, segs in st.channelwise.items() if not bool((f := st.features(segs, alive)).all())}
     return _Solution(st, names, Masks(layer_masks, channels), alive)
@@ -428,7 +435,10 @@ def search_thresholds(
 
             def within_budget(k: int) -> bool:
                 trial = thresholds[:i] + [cut(k)] + thresholds[i + 1 :]
-                return accuracy_of(prune(model, trial, example_input)) >= base - max_drop
+                try:
+                    return accuracy_of(prune(model, trial, example_input)) >= base - max_drop
+                except EmptyLayerError:  # the kept groups of two layers no longer meet
+                    return False
 
             good = int((la < thresholds[i]).sum())  # groups kept now
             grid = torch.quantile(torch.arange(len(la), dtype=torch.float), torch.linspace(1.0, 0.0, candidates))

@@ -269,3 +269,20 @@ def test_quantized_rounds_only_former_group_layers():
     q = compression.quantized(pruned, bits)
     assert torch.equal(q.get_submodule("0").weight, pruned.get_submodule("0").weight)
     assert not torch.equal(q.get_submodule("4").weight, pruned.get_submodule("4").weight)
+
+
+def test_thresholds_that_empty_a_layer_are_refused():
+    """Conv keeps filter 0 only, the next fc only features of filter 1: nothing would flow."""
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4, 3))
+    bayes = models.to_bayesian(net).eval()
+    with torch.no_grad():
+        bayes[0].scale.z_mu.fill_(1.0)
+        bayes[0].scale.z_logvar.copy_(torch.tensor([-9.0, 9.0]))
+        bayes[2].scale.z_mu.fill_(1.0)
+        bayes[2].scale.z_logvar.copy_(torch.tensor([9.0] * 4 + [-9.0] * 4))
+    with pytest.raises(compression.EmptyLayerError, match="no outputs"):
+        compression.prune(bayes, [0.0, 0.0])
+    # The search never proposes such thresholds.
+    x = torch.randn(8, 1, 4, 4)
+    t = compression.search_thresholds(bayes, lambda n: float((n(x).argmax(1) == 0).float().mean()), max_drop=1.0)
+    compression.prune(bayes, t)(x)
