@@ -1,7 +1,9 @@
-"""What a network costs to run: multiply-adds per example, counted by running it once."""
+"""What a network costs to run: multiply-adds per example, and measured time per forward pass."""
 from __future__ import annotations
 
 import math
+import statistics
+import time
 
 import torch
 from torch import nn
@@ -43,3 +45,24 @@ def macs(net: nn.Module, example_input: torch.Tensor) -> int:
         for h in handles:
             h.remove()
     return total // len(example_input)
+
+
+def time_forward(nets: dict[str, nn.Module], x: torch.Tensor, repeats: int = 30, warmup: int = 3) -> dict[str, float]:
+    """Median milliseconds per forward pass of each net on ``x``, under ``torch.inference_mode``.
+
+    The nets alternate within each repeat, so a drift of the machine's speed hits them alike:
+    compare the times of one call (ratios), not times from different calls.
+    """
+    inner = max(1, 64 // len(x))  # several calls per sample for tiny batches
+    samples: dict[str, list[float]] = {k: [] for k in nets}
+    with torch.inference_mode():
+        for net in nets.values():
+            for _ in range(warmup):
+                net(x)
+        for _ in range(repeats):
+            for name, net in nets.items():
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    net(x)
+                samples[name].append((time.perf_counter() - t0) / inner)
+    return {k: 1e3 * statistics.median(v) for k, v in samples.items()}

@@ -426,3 +426,13 @@ def analyse(model: nn.Module, example_input: Optional[torch.Tensor] = None) -> S
     structure = _Analysis(gm).run()
     _CACHE[model] = (key, structure)
     return structure
+
+
+def coupled_layers(model: nn.Module, example_input: Optional[torch.Tensor] = None) -> list[list[str]]:
+    """The group layers whose outputs share one channel set (e.g. the convolutions that write
+    into a ResNet's residual stream), by qualified name; only sets written by two or more."""
+    st = analyse(model, example_input)
+    by_set: dict[int, list[str]] = {}
+    for name, use in st.layers.items():
+        by_set.setdefault(st.atoms.find(use.out_atom), []).append(name)
+    return [names for names in by_set.values() if len(names) > 1]

@@ -7,7 +7,7 @@ No CIFAR-10 here, so no trained posterior: each net (``bclib.models.vgg_cifar10`
 layer's groups gets ``log_alpha = 4`` (threshold 0), chosen at random. This measures what
 ``prune`` makes of such a pattern (the residual adds of a ResNet keep a channel that any block
 keeps) and how its speed follows its multiply-adds; it says nothing about accuracy.
-Timings: medians of interleaved runs (``bench_inference.time_nets``), same process.
+Timings: medians of interleaved runs (``bclib.cost.time_forward``), same process.
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import platform
 
 import torch
 
-from bench_inference import time_nets
 from bclib import compression, cost, models
 from bclib.atomic import atomic_write
 
@@ -57,7 +56,7 @@ def main() -> None:
                    "params": [sum(p.numel() for p in n.parameters()) for n in (dense, pruned)],
                    "macs": [cost.macs(n, example) for n in (dense, pruned)], "ms": {}}  # fmt: skip
             for b in BATCH_SIZES:
-                row["ms"][b] = time_nets({"dense": dense, "pruned": pruned}, torch.randn(b, 3, 32, 32), args.repeats)
+                row["ms"][b] = cost.time_forward({"dense": dense, "pruned": pruned}, torch.randn(b, 3, 32, 32), args.repeats)
             speed = [row["ms"][b]["dense"] / row["ms"][b]["pruned"] for b in BATCH_SIZES]
             print(f"| {arch} | {share:g} | {row['params'][0]:,} / {row['params'][1]:,} | "
                   f"{row['macs'][0]:,} / {row['macs'][1]:,} | {row['macs'][0] / row['macs'][1]:.1f}x | "

@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -108,23 +106,6 @@ def fallback_case(arch: str, seed: int = 0) -> Case:
     return Case(f"{arch}-nj", "FALLBACK: fresh net, random weights, hand-set log_alpha", model, [0.0] * len(layers))
 
 
-def time_nets(nets: dict[str, nn.Module], x: torch.Tensor, repeats: int, warmup: int = 3) -> dict[str, float]:
-    """Median milliseconds per forward pass of each net; the nets alternate within each repeat."""
-    inner = max(1, 64 // len(x))  # several calls per sample for tiny batches
-    samples: dict[str, list[float]] = {k: [] for k in nets}
-    with torch.inference_mode():
-        for net in nets.values():
-            for _ in range(warmup):
-                net(x)
-        for _ in range(repeats):
-            for name, net in nets.items():
-                t0 = time.perf_counter()
-                for _ in range(inner):
-                    net(x)
-                samples[name].append((time.perf_counter() - t0) / inner)
-    return {k: 1e3 * statistics.median(v) for k, v in samples.items()}
-
-
 def test_error(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     with torch.inference_mode():
         pred = torch.cat([net(xb).argmax(1) for xb in x.split(1000)])
@@ -151,7 +132,7 @@ def benchmark(case: Case, repeats: int, mnist: Optional[tuple[torch.Tensor, torc
         row.error_quantized = test_error(quantized(pruned, report.bits), *mnist)
     nets = {"dense": dense, "pruned": pruned, "reloaded": reloaded}
     for b in BATCH_SIZES:
-        row.timings_ms[b] = time_nets(nets, torch.randn(b, 1, 28, 28), repeats)
+        row.timings_ms[b] = cost.time_forward(nets, torch.randn(b, 1, 28, 28), repeats)
     return row
 
 

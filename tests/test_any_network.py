@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bclib import compression, layers, models, train
+from bclib import compression, graph, layers, models, train
 from bclib.convert import ConversionWarning
 
 
@@ -286,3 +286,10 @@ def test_thresholds_that_empty_a_layer_are_refused():
     x = torch.randn(8, 1, 4, 4)
     t = compression.search_thresholds(bayes, lambda n: float((n(x).argmax(1) == 0).float().mean()), max_drop=1.0)
     compression.prune(bayes, t)(x)
+
+
+def test_coupled_layers_of_a_resnet():
+    bayes = models.resnet18_cifar("nj")
+    sets = graph.coupled_layers(bayes, torch.zeros(1, 3, 32, 32))
+    assert ["conv1", "layer1.0.conv2", "layer1.1.conv2"] in sets
+    assert ["layer2.0.conv2", "layer2.0.shortcut.0", "layer2.1.conv2"] in sets and len(sets) == 4
