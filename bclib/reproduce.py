@@ -30,19 +30,9 @@ from . import compression, data, models
 from .atomic import atomic_write
 from .compression import quantized
 from .config import default_device, fast_mode, seed_everything
+from .paper import PAPER, PRIOR_NAMES
 from .train import atomic_save, evaluate, load_checkpoint, save_checkpoint, train
 
-# Paper, Table 1 (error %, compression after pruning, after precision reduction) and the
-# pruned architectures; see ../shared/reference/paper.md for the sources.
-PAPER = {
-    ("lenet5_caffe", "nj"): {"error": 1.0, "rate_pruning": 108, "rate_precision": 361, "architecture": "8-13-88-13"},
-    ("lenet5_caffe", "hs"): {"error": 1.0, "rate_pruning": 156, "rate_precision": 419, "architecture": "5-10-76-16"},
-    ("lenet_300_100", "nj"): {"error": 1.8, "rate_pruning": None, "rate_precision": 58, "architecture": "278-98-13"},
-    ("lenet_300_100", "hs"): {"error": 1.8, "rate_pruning": None, "rate_precision": 59, "architecture": "311-86-14"},
-    ("vgg_cifar10", "nj"): {"error": 8.6, "rate_pruning": 14, "rate_precision": 56, "architecture": None},
-    ("vgg_cifar10", "hs"): {"error": 9.0, "rate_pruning": 18, "rate_precision": 59, "architecture": None},
-}
-PRIOR_NAMES = {"nj": "BC-GNJ", "hs": "BC-GHS"}
 DATASETS = {"lenet_300_100": "mnist", "lenet5_caffe": "mnist", "vgg_cifar10": "cifar10"}
 DEFAULT_RUNS = [(a, p) for a in ("lenet_300_100", "lenet5_caffe") for p in ("nj", "hs")]  # VGG: only with --only
 VALIDATION = 5000  # last training images, held out for choosing thresholds (CIFAR-10: 45k/5k)
