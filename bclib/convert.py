@@ -38,6 +38,17 @@ def _why_plain(m: nn.Module) -> Optional[str]:
     return f"no group layer for {type(m).__name__}"
 
 
+def _weights_read_directly(model: nn.Module) -> set[str]:
+    """Modules whose parameters the surrounding code reads itself, e.g. an attention block's
+    ``F.linear(x, self.qkv.weight)``: a group layer has no ``weight`` to give. Tracing the plain
+    model shows them as ``get_attr`` nodes; a model fx cannot trace is not checked."""
+    try:
+        gm = torch.fx.symbolic_trace(model)
+    except Exception:  # tracing is only a check here: prune reports untraceable models
+        return set()
+    return {n.target.rpartition(".")[0] for n in gm.graph.nodes if n.op == "get_attr"}
+
+
 def _group_layer(m: nn.Module, prior: str, **kw) -> BayesianGroupLayer:
     kw.update(bias=m.bias is not None, prior=prior, init_weight=m.weight, init_bias=m.bias)
     if isinstance(m, nn.Linear):
@@ -68,7 +79,8 @@ def to_bayesian(
             with everything inside them (e.g. ``["fc"]`` for a ResNet's last layer).
         strict: raise ``ValueError`` instead of warning when a layer with weights cannot be
             converted (grouped or circular-padded convolutions, transposed convolutions,
-            subclasses of ``nn.Linear`` such as attention's projections, embeddings).
+            subclasses of ``nn.Linear`` such as attention's projections, embeddings, layers
+            whose weights the surrounding code reads itself).
 
     The posterior means start at the plain weights and biases. Layers left plain are listed
     in a :class:`ConversionWarning` with the reason.
@@ -84,6 +96,7 @@ def to_bayesian(
                          f"names look like {sorted(n for n in names if n)[:5]}")  # fmt: skip
     if isinstance(model, BayesianGroupLayer) or any(isinstance(m, BayesianGroupLayer) for m in model.modules()):
         raise ValueError("the model already has Bayesian group layers: convert the plain network")
+    read_directly = _weights_read_directly(model)
     net = copy.deepcopy(model)
     left: list[str] = []
     first = True
@@ -95,6 +108,8 @@ def to_bayesian(
             if name in keep:
                 continue
             why = _why_plain(child) if isinstance(child, _WEIGHTED) else "container"
+            if why is None and name in read_directly:
+                why = "the surrounding forward reads its weight directly"
             if why is None:
                 extra = {"clip_var": clip_var if first else None, "tau0": tau0}
                 setattr(parent, child_name, _group_layer(child, prior, **extra))

@@ -293,3 +293,22 @@ def test_coupled_layers_of_a_resnet():
     sets = graph.coupled_layers(bayes, torch.zeros(1, 3, 32, 32))
     assert ["conv1", "layer1.0.conv2", "layer1.1.conv2"] in sets
     assert ["layer2.0.conv2", "layer2.0.shortcut.0", "layer2.1.conv2"] in sets and len(sets) == 4
+
+
+class ReadsWeight(nn.Module):
+    """Uses a layer's weight itself, as attention blocks do (``F.linear(x, self.qkv.weight)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.out = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(F.linear(x, self.qkv.weight))
+
+
+def test_layers_whose_weight_is_read_stay_plain():
+    with pytest.warns(ConversionWarning, match="qkv .the surrounding forward reads its weight"):
+        bayes = models.to_bayesian(ReadsWeight())
+    assert type(bayes.qkv) is nn.Linear and isinstance(bayes.out, layers.LinearGroup)
+    x = torch.randn(3, 4)
+    check_invariant(bayes, x, sparsify(bayes, 0.5))
