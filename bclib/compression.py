@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -61,6 +62,11 @@ def _layers_of(model: nn.Module) -> list[BayesianGroupLayer]:
 
 
 def _check_thresholds(layers: list[BayesianGroupLayer], thresholds: Sequence[float]) -> list[float]:
+    if isinstance(thresholds, (str, bytes)) or not hasattr(thresholds, "__len__") or not all(
+        isinstance(t, (numbers.Real, torch.Tensor)) and not isinstance(t, bool) for t in thresholds
+    ):
+        raise TypeError(f"thresholds must be a list of numbers, one log-alpha value per group layer "
+                        f"(e.g. [-3.0] * {len(layers)}), got {thresholds!r:.80}")  # fmt: skip
     thresholds = [float(t) for t in thresholds]
     if len(thresholds) != len(layers):
         raise ValueError(f"got {len(thresholds)} thresholds for {len(layers)} group layers: give one log-alpha threshold per layer")
@@ -425,7 +431,14 @@ def search_thresholds(
     ``log_alpha``, so rounding it changes nothing; every layer keeps at least one group.
     """
     layers = _layers_of(model)
-    base = accuracy_of(dense(model, example_input))
+
+    def score(net: nn.Module) -> float:
+        acc = accuracy_of(net)
+        if isinstance(acc, bool) or not isinstance(acc, (int, float)) or not 0.0 <= acc <= 1.0:
+            raise ValueError(f"accuracy_of must return an accuracy between 0 and 1 (a float), got {acc!r}")
+        return float(acc)
+
+    base = score(dense(model, example_input))
     thresholds = [layer.log_alpha.max().item() + 1.0 for layer in layers]
     order = sorted(range(len(layers)), key=lambda i: -layers[i].weight_mu.numel())
     for _ in range(passes):
@@ -436,7 +449,7 @@ def search_thresholds(
             def within_budget(k: int) -> bool:
                 trial = thresholds[:i] + [cut(k)] + thresholds[i + 1 :]
                 try:
-                    return accuracy_of(prune(model, trial, example_input)) >= base - max_drop
+                    return score(prune(model, trial, example_input)) >= base - max_drop
                 except EmptyLayerError:  # the kept groups of two layers no longer meet
                     return False
 

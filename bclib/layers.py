@@ -79,9 +79,10 @@ class BayesianGroupLayer(nn.Module):
         else:
             self.register_parameter("bias_mu", None)
             self.register_parameter("bias_logvar", None)
-        # Optional 0/1 mask over the weights, applied in eval mode (see compression.apply_masks).
-        self.weight_mask: Optional[torch.Tensor] = None
-        self.bias_mask: Optional[torch.Tensor] = None
+        # Optional 0/1 masks, applied in eval mode (see compression.apply_masks): buffers, so
+        # they move with model.to(device), but not saved with the parameters.
+        self.register_buffer("weight_mask", None, persistent=False)
+        self.register_buffer("bias_mask", None, persistent=False)
         # Set by models.forward_with_kl: training forwards put their KL here (layer -> KL).
         self.kl_terms: Optional[dict[nn.Module, torch.Tensor]] = None
 

@@ -312,3 +312,12 @@ def test_layers_whose_weight_is_read_stay_plain():
     assert type(bayes.qkv) is nn.Linear and isinstance(bayes.out, layers.LinearGroup)
     x = torch.randn(3, 4)
     check_invariant(bayes, x, sparsify(bayes, 0.5))
+
+
+def test_masks_move_with_the_model():
+    bayes = models.to_bayesian(bn_cnn())
+    compression.apply_masks(bayes, compression.group_masks(bayes, sparsify(bayes)))
+    bayes.to(torch.float64)
+    assert bayes[0].weight_mask.dtype == torch.float64
+    assert "weight_mask" not in "".join(bayes.state_dict())  # not saved with the parameters
+    assert bayes.eval()(torch.randn(2, 3, 8, 8, dtype=torch.float64)).dtype == torch.float64

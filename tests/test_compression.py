@@ -196,3 +196,15 @@ def test_search_thresholds_finds_the_smallest_group_count_within_budget():
     assert int(masks[0].inputs.sum()) == 37
     assert int(masks[1].inputs.sum()) == 1  # the accuracy ignores it: pruned down to one group
     assert len(evaluated) < 80  # far fewer than trying every count
+
+
+@pytest.mark.parametrize("bad", ["000", -3.0, [-3, "a", -3], [True, -3, -3], None])
+def test_thresholds_must_be_numbers(bad):
+    with pytest.raises(TypeError, match="list of numbers, one log-alpha value per group layer"):
+        compression.group_masks(_mlp(), bad)
+
+
+@pytest.mark.parametrize("acc", [None, float("nan"), 5.0, -0.1])
+def test_search_refuses_a_bad_accuracy_function(acc):
+    with pytest.raises(ValueError, match="accuracy between 0 and 1"):
+        compression.search_thresholds(_mlp(), lambda net: acc)
