@@ -9,10 +9,13 @@ layer its input features (paper sec. 4). What that removes elsewhere depends on 
 - a residual ``add`` (or a product) couples the channels of its operands: they are one set,
   and a channel of the set is removed only when **every** producer drops it;
 - ``torch.cat`` along the channels places its operands' channel sets side by side;
+- a sigmoid gate (squeeze-excitation: ``x * sigmoid(fc(pool(x)))``) turns a zero channel
+  into 0.5, so it may only be a factor of a product: there the product is zero wherever
+  the other factor is, and the gate's channels are coupled to that factor's;
 - a channel (or neuron) no consumer uses is removed from its producer too.
 
-Every other operation (sigmoid, softmax, slicing, an unknown function, the network's
-output, ...) needs all of its input channels: they are kept. So are the channels of
+Every other operation (softmax, slicing, a sigmoid not used as a gate, an unknown function,
+the network's output, ...) needs all of its input channels: they are kept. So are the channels of
 anything that is not a group layer's output (the network's input, a plain layer's output),
 for they exist whatever the thresholds; a group layer that uses only some of them selects
 them (``index_select``).
@@ -165,6 +168,12 @@ _MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
 _DIV = {operator.truediv, torch.div, "div", "div_"}
 _REDUCE = {torch.mean, torch.sum, torch.amax, "mean", "sum", "amax"}
 _NON_TENSOR = {"size", "dim", "numel"}
+_GATE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid, "sigmoid"}
+
+
+def _is_stochastic_depth(target: Any) -> bool:
+    """torchvision's stochastic depth (wrapped for fx): drops whole examples, so zero stays zero."""
+    return getattr(target, "__name__", "") == "stochastic_depth" and "torchvision" in getattr(target, "__module__", "")
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -176,6 +185,9 @@ class _Analysis:
         self.atoms = Atoms()
         self.s = Structure(gm, self.atoms, {})
         self.env: dict[torch.fx.Node, Optional[list[Seg]]] = {}
+        # Outputs of sigmoid-like ops: channel by channel, but a pruned (zero) channel becomes
+        # non-zero. Fine as one factor of a product whose other factor is zero there.
+        self.gates: set[torch.fx.Node] = set()
 
     # --- helpers ---------------------------------------------------------------------
     def shape(self, n: Any) -> Optional[torch.Size]:
@@ -241,6 +253,7 @@ class _Analysis:
     # --- node rules ------------------------------------------------------------------
     def run(self) -> Structure:
         for node in self.gm.graph.nodes:
+            self.release_gates(node)
             self.env[node] = self.visit(node)
         return self.s
 
@@ -257,11 +270,16 @@ class _Analysis:
             return None
         if target is operator.getitem and self.segs(node.args[0]) is None:
             return None
+        if target is torch.cat or target is torch.concat:
+            return self.cat(node)
         x = self.segs(node.args[0]) if node.args else None
         if x is None:
             return self.barrier(node)
-        if target in _PASS_FUNCTIONS or (node.op == "call_method" and target in _PASS_METHODS):
+        if target in _PASS_FUNCTIONS or _is_stochastic_depth(target) or (node.op == "call_method" and target in _PASS_METHODS):
             return x if len(self.tensor_args(node)) == 1 else self.barrier(node)
+        if target in _GATE_FUNCTIONS and len(self.tensor_args(node)) == 1:
+            self.gates.add(node)
+            return x
         if target in (torch.flatten, "flatten"):
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
             end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
@@ -270,11 +288,17 @@ class _Analysis:
             return self.reshape(node, x)
         if target in _ADD or target in _MUL or target in _DIV:
             return self.binary(node, x)
-        if target is torch.cat or target is torch.concat:
-            return self.cat(node)
         if target in _REDUCE:
             return self.reduce(node, x)
         return self.barrier(node)
+
+    def release_gates(self, node: torch.fx.Node) -> None:
+        """A gate read by anything but a product needs its channels whole: zero is not zero there."""
+        if node.op in ("call_function", "call_method") and node.target in _MUL:
+            return
+        for g in node.all_input_nodes:
+            if g in self.gates:
+                self.need_all(g)
 
     def module(self, node: torch.fx.Node, m: nn.Module) -> list[Seg]:
         x = self.segs(node.args[0]) if node.args else None
@@ -295,6 +319,9 @@ class _Analysis:
                 self.atoms.use_all(s.atom)
             return self.fresh(node)
         if isinstance(m, _PASS_MODULES):
+            return x
+        if isinstance(m, (nn.Sigmoid, nn.Hardsigmoid)):
+            self.gates.add(node)
             return x
         if isinstance(m, nn.Flatten):
             return self.flatten(node, x, m.start_dim, m.end_dim)
@@ -347,24 +374,30 @@ class _Analysis:
         return self.barrier(node)
 
     def binary(self, node: torch.fx.Node, x: list[Seg]) -> list[Seg]:
-        other = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
-        y = self.segs(other)
-        scaling = node.target in _MUL or node.target in _DIV
+        a, b = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+        y = self.segs(b)
+        mul, div = node.target in _MUL, node.target in _DIV
         if y is None:
-            if isinstance(other, torch.fx.Node) or not scaling:  # adding a constant, or an unknown operand
-                return self.barrier(node)
+            if isinstance(b, torch.fx.Node) or not (mul or div) or a in self.gates:
+                return self.barrier(node)  # plus a number, or an operand we know nothing of
             return x  # times or over a number: zero stays zero
-        sa, sb = self.shape(node.args[0]), self.shape(other)
-        if node.target in _DIV:
+        gate_a, gate_b = a in self.gates, b in self.gates
+        if div or (gate_a and gate_b) or ((gate_a or gate_b) and not mul):
             return self.barrier(node)
+        sa, sb = self.shape(a), self.shape(b)
         if sa is not None and sb is not None and tuple(sa) != tuple(sb):
-            if scaling and len(sb) > 1 and sb[1] == 1 and len(sa) == len(sb):
-                self.need_all(other)  # a gate shared by all channels: zero stays zero
-                return x
-            return self.barrier(node)
+            if len(sa) != len(sb) or len(sa) < 2:
+                return self.barrier(node)
+            if sa[1] != sb[1]:  # one factor shared by all channels, e.g. a spatial gate (N, 1, H, W)
+                full, shared = (a, b) if sb[1] == 1 else (b, a)
+                if not mul or self.shape(shared)[1] != 1 or full in self.gates:
+                    return self.barrier(node)
+                self.need_all(shared)
+                return self.segs(full)
+            # Same channels, other dimensions broadcast: a squeeze-excitation gate (N, C, 1, 1).
         if not self.unify(x, y):
             return self.barrier(node)
-        return x
+        return y if gate_a else x
 
     def cat(self, node: torch.fx.Node) -> list[Seg]:
         parts = node.args[0]

@@ -174,6 +174,7 @@ def test_concatenated_branches_and_adaptive_pooling():
     x = torch.randn(3, 3, 12, 12)
     pruned = check_invariant(bayes, x, sparsify(bayes, 0.5), example_input=x[:1])
     assert pruned.bn.num_features == pruned.a.out_channels + pruned.b.out_channels
+    assert pruned.a.out_channels < 8 and pruned.b.out_channels < 6  # the branches lose filters
 
 
 def test_train_step_then_prune_any_module():
@@ -321,3 +322,48 @@ def test_masks_move_with_the_model():
     assert bayes[0].weight_mask.dtype == torch.float64
     assert "weight_mask" not in "".join(bayes.state_dict())  # not saved with the parameters
     assert bayes.eval()(torch.randn(2, 3, 8, 8, dtype=torch.float64)).dtype == torch.float64
+
+
+class SqueezeExcite(nn.Module):
+    """A conv, a squeeze-excitation gate on its channels (in both factor orders), a head."""
+
+    def __init__(self, gate_first: bool) -> None:
+        super().__init__()
+        self.gate_first = gate_first
+        self.a = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc1, self.fc2 = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.silu(self.bn(self.a(x)))
+        g = torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(y, 1)))))
+        return self.head(g * y if self.gate_first else y * g).mean((2, 3))
+
+
+@pytest.mark.parametrize("gate_first", [True, False])
+def test_squeeze_excitation_gate_prunes_with_its_channels(gate_first):
+    torch.manual_seed(0)
+    plain = SqueezeExcite(gate_first)
+    randomise_batchnorm(plain)
+    bayes = models.to_bayesian(plain)
+    x = torch.randn(3, 3, 8, 8)
+    pruned = check_invariant(bayes, x, sparsify(bayes, 0.5), example_input=x[:1])
+    assert pruned.a.out_channels == pruned.fc2.out_channels == pruned.head.in_channels < 8
+
+
+def test_sigmoid_used_elsewhere_keeps_channels():
+    """The gate also feeds the output directly: 0.5 where a channel was pruned, so all stay."""
+
+    class Leaky(SqueezeExcite):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            g = torch.sigmoid(self.fc2(self.fc1(y)))
+            return self.head(g * y) + g.sum(1, keepdim=True)
+
+    bayes = models.to_bayesian(Leaky(True))
+    x = torch.randn(3, 3, 8, 8)
+    thresholds = sparsify(bayes, 0.5)
+    assert bool(compression.group_masks(bayes, thresholds, x[:1])[0].outputs.all())
+    compression.apply_masks(bayes, compression.group_masks(bayes, thresholds, x[:1]))
+    torch.testing.assert_close(compression.prune(bayes, thresholds, x[:1])(x), bayes.eval()(x))
