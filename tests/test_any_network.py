@@ -16,54 +16,14 @@ from torch import nn
 
 from bclib import compression, graph, layers, models, train
 from bclib.convert import ConversionWarning
-
-
-def sparsify(model: nn.Module, share: float = 0.4, seed: int = 0) -> list[float]:
-    """Set a random ``share`` of every group layer's groups to a high ``log_alpha``; thresholds 0."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in models.bayesian_layers(model):
-            logvar = layer.scale.z_logvar if layer.prior == "nj" else layer.scale.a_logvar
-            logvar[torch.rand(logvar.shape, generator=g) < share] = 4.0
-    return [0.0] * len(models.bayesian_layers(model))
-
-
-def randomise_batchnorm(model: nn.Module, seed: int = 0) -> None:
-    """Non-trivial BatchNorm statistics and affine parameters, so its shift matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                m.weight.copy_(torch.randn(n, generator=g) * 0.5 + 1)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.5)
-
-
-def n_params(net: nn.Module) -> int:
-    return sum(p.numel() for p in net.parameters())
+from bclib.testing import check_pruned_equals_masked, randomise_batchnorm, sparsify
 
 
 def check_invariant(bayes: nn.Module, x: torch.Tensor, thresholds: list[float], example_input=None) -> nn.Module:
-    """Pruned == masked in eval mode; the pruned net is plain torch and smaller. Returns it."""
-    bayes.eval()
-    masks = compression.group_masks(bayes, thresholds, example_input)
-    compression.apply_masks(bayes, masks)
+    """The invariant, and that the thresholds pruned something that changes the outputs."""
+    pruned = check_pruned_equals_masked(bayes, x, thresholds, example_input)
     with torch.no_grad():
-        want = bayes(x)
-    compression.apply_masks(bayes, None)
-    with torch.no_grad():
-        unmasked = bayes(x)
-    pruned = compression.prune(bayes, thresholds, example_input)
-    with torch.no_grad():
-        got = pruned(x)
-    assert got.shape == want.shape
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(unmasked, want, atol=1e-4), "the thresholds pruned nothing that matters"
-    assert not any(m.__module__.startswith("bclib") for m in pruned.modules())
-    dense = compression.prune(bayes, [1e9] * len(thresholds), example_input)  # keeps every group
-    assert n_params(pruned) < n_params(dense)
+        assert not torch.allclose(pruned(x), bayes.eval()(x), atol=1e-4), "the thresholds pruned nothing that matters"
     return pruned
 
 

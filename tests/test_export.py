@@ -18,10 +18,10 @@ from torch import nn
 
 import bclib.load_compressed as lc
 from bclib import models, precision
-from bclib.compression import LayerBits, compression_report, prune
+from bclib.compression import LayerBits, compression_report, prune, quantized
 from bclib.export import _pack_bits, _write_net, export_compressed, fold_batchnorm
 from bclib.load_compressed import load_compressed
-from bclib.reproduce import quantized
+from bclib.testing import randomise_batchnorm
 
 # Share of groups (inputs of fc layers, filters of conv layers) whose log_alpha is set high.
 PRUNED = {"lenet_300_100": [0.6, 0.5, 0.3], "lenet5_caffe": [0.4, 0.5, 0.5, 0.3]}
@@ -128,18 +128,8 @@ def test_unsupported_layer_writes_nothing(tmp_path: Path) -> None:
 
 # --- BatchNorm folding and dropout -----------------------------------------------------------
 def with_running_stats(net: nn.Module, seed: int = 0) -> nn.Module:
-    """``net`` with random BatchNorm running statistics and affine parameters (not 0/1)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                if m.track_running_stats:
-                    m.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)
-                    m.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.2)
-                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=gen) * 0.3)
-    return net.eval()
+    """``net`` with random BatchNorm running statistics and affine parameters (not 0/1), in eval mode."""
+    return randomise_batchnorm(net, seed).eval()
 
 
 def batchnorms(net: nn.Module) -> int:

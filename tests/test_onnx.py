@@ -12,6 +12,7 @@ from torch import nn
 from bclib import models
 from bclib.compression import prune
 from bclib.export import export_onnx
+from bclib.testing import randomise_batchnorm
 
 
 @pytest.fixture(scope="module")
@@ -22,17 +23,8 @@ def ort() -> Any:
 
 
 def with_running_stats(net: nn.Module, seed: int = 0) -> nn.Module:
-    """``net`` with every BatchNorm's running statistics and affine parameters random (not 0/1)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)
-                m.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.2)
-                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=gen) * 0.3)
-    return net
+    """``net`` with random BatchNorm running statistics and affine parameters (not 0/1)."""
+    return randomise_batchnorm(net, seed)
 
 
 class Residual(nn.Module):
