@@ -79,10 +79,10 @@ class Atoms:
         if a == b:
             return
         self.parent[b] = a
-        sa, sb = self.size[a], self.size[b]
-        self.size[a] = sa if sa is not None else sb
+        if self.size[a] is None:
+            self.size[a] = self.size[b]
         self.plain[a] |= self.plain[b]
-        self.forced[a] |= self.forced[b] or (sa is not None and sb is not None and sa != sb)
+        self.forced[a] |= self.forced[b]
         self.used_all[a] |= self.used_all[b]
 
     def force(self, a: int) -> None:
@@ -241,7 +241,14 @@ class _Analysis:
         return out
 
     def unify(self, a: list[Seg], b: list[Seg]) -> bool:
-        if len(a) != len(b) or any(x.block is not None and y.block is not None and x.block != y.block for x, y in zip(a, b)):
+        """Couple two values' channel sets one to one; False if their layouts differ."""
+        def differ(p: Optional[int], q: Optional[int]) -> bool:
+            return p is not None and q is not None and p != q
+
+        if len(a) != len(b) or any(
+            differ(x.block, y.block) or differ(self.atoms.get_size(x.atom), self.atoms.get_size(y.atom))
+            for x, y in zip(a, b)
+        ):
             return False
         for x, y in zip(a, b):
             self.atoms.union(x.atom, y.atom)
@@ -339,7 +346,9 @@ class _Analysis:
             self.need_all(node.args)
             x = [Seg(self.atoms.new(m.in_features, plain=True), 1)]
             out = self.atoms.new(m.out_features, plain=True)
-        elif isinstance(m, LinearGroup):
+            self.s.layers[node.target] = LayerUse(x, out)
+            return self.fresh(node)  # its features are the last dimension, not the channels
+        if isinstance(m, LinearGroup):
             x = self.resolve(x, m.in_features, node.target)
             out = self.atoms.new(m.out_features, plain=False)
         else:

@@ -327,3 +327,21 @@ def test_sigmoid_used_elsewhere_keeps_channels():
     assert bool(compression.group_masks(bayes, thresholds, x[:1])[0].outputs.all())
     compression.apply_masks(bayes, compression.group_masks(bayes, thresholds, x[:1]))
     torch.testing.assert_close(compression.prune(bayes, thresholds, x[:1])(x), bayes.eval()(x))
+
+
+class TokenMLP(nn.Module):
+    """Linear layers on (batch, tokens, features) inputs, added to another tensor (as in Swin)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        return self.fc2(torch.zeros_like(h) + F.relu(h)).mean(1)
+
+
+def test_linear_layers_on_token_inputs():
+    bayes = models.to_bayesian(TokenMLP())
+    x = torch.randn(3, 4, 8)
+    check_invariant(bayes, x, sparsify(bayes, 0.5), example_input=x[:1])
