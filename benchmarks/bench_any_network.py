@@ -4,9 +4,10 @@
 
 No CIFAR-10 here, so no trained posterior: each net (``bclib.models.vgg_cifar10``,
 ``resnet18_cifar``) is a fresh BC-GNJ net with random weights in which a share of every
-layer's groups gets ``log_alpha = 4`` (threshold 0), chosen at random. This measures what
-``prune`` makes of such a pattern (the residual adds of a ResNet keep a channel that any block
-keeps) and how its speed follows its multiply-adds; it says nothing about accuracy.
+layer's groups, chosen at random, gets a high ``log_alpha`` (``bclib.testing.sparsify``).
+This measures what ``prune`` makes of such a pattern (the residual adds of a ResNet keep a
+channel that any block keeps) and how its speed follows its multiply-adds; it says nothing
+about accuracy.
 Timings: medians of interleaved runs (``bclib.cost.time_forward``), same process.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 from bclib import compression, cost, models
 from bclib.atomic import atomic_write
+from bclib.testing import sparsify
 
 NETS = ("vgg_cifar10", "resnet18_cifar")
 BATCH_SIZES = (1, 64)
@@ -27,12 +29,7 @@ BATCH_SIZES = (1, 64)
 def sparse_net(arch: str, share: float, seed: int = 0) -> tuple[torch.nn.Module, list[float]]:
     torch.manual_seed(seed)
     net = models.build(arch, "nj").eval()
-    layers = models.bayesian_layers(net)
-    with torch.no_grad():
-        for layer in layers:
-            logvar = layer.scale.z_logvar
-            logvar[torch.randperm(logvar.numel())[: round(share * logvar.numel())]] = 4.0
-    return net, [0.0] * len(layers)
+    return net, sparsify(net, share, seed)
 
 
 def main() -> None:
