@@ -25,7 +25,7 @@ import torch.fx
 from torch import nn
 
 from . import graph
-from .convert import bayesian_layers
+from .convert import bayesian_layers, unwrap
 from .layers import BayesianGroupLayer
 from .precision import MAX_EXPONENT_BITS, MAX_SIGNIFICAND_BITS, round_to_bits
 
@@ -107,6 +107,7 @@ def _solve(model: nn.Module, thresholds: Sequence[float], example_input: Optiona
     uses it (a fully connected layer's kept input feature, or any other consumer); channels
     of sets that not only group layers produce, or that an operation needs whole, all stay.
     """
+    model = unwrap(model)
     layers = _layers_of(model)
     thresholds = _check_thresholds(layers, thresholds)
     st = graph.analyse(model, example_input)
@@ -188,6 +189,7 @@ def apply_masks(model: nn.Module, masks: Optional[Sequence[LayerMask]]) -> None:
     ``None`` removes the masks. With the masks of :func:`group_masks` the model gives, in
     eval mode, the outputs of ``prune(model, thresholds)``.
     """
+    model = unwrap(model)
     layers = _layers_of(model)
     for handle in _MASK_HOOKS.pop(model, []):
         handle.remove()

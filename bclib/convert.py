@@ -133,6 +133,13 @@ def to_bayesian(
     return net
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The network inside ``nn.DataParallel`` / ``DistributedDataParallel`` wrappers (else ``model``)."""
+    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module
+    return model
+
+
 def bayesian_layers(model: nn.Module) -> list[BayesianGroupLayer]:
     """The group layers of ``model`` in registration order (``model.modules()``), each once.
 

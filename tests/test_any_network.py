@@ -345,3 +345,13 @@ def test_linear_layers_on_token_inputs():
     bayes = models.to_bayesian(TokenMLP())
     x = torch.randn(3, 4, 8)
     check_invariant(bayes, x, sparsify(bayes, 0.5), example_input=x[:1])
+
+
+def test_compression_unwraps_data_parallel():
+    bayes = models.to_bayesian(bn_cnn())
+    thresholds = sparsify(bayes)
+    wrapped = nn.DataParallel(bayes)  # on CPU a plain wrapper, as DistributedDataParallel is
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(compression.prune(wrapped, thresholds)(x), compression.prune(bayes, thresholds)(x))
+    compression.apply_masks(wrapped, compression.group_masks(wrapped, thresholds))
+    torch.testing.assert_close(wrapped.eval()(x), compression.prune(bayes, thresholds)(x))
