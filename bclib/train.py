@@ -190,13 +190,17 @@ def save_checkpoint(
         v = v.detach().cpu()
         return v.half() if half and ".scale." not in name else v.float()
 
+    expected = set(build(arch, prior).state_dict())  # build raises for an unknown architecture
+    if set(model.state_dict()) != expected:
+        raise ValueError(f"the model is not {arch} with prior {prior!r} (its parameters differ from "
+                         f"bclib.models.build({arch!r}, {prior!r})): the checkpoint could not be loaded back")  # fmt: skip
     state = {"format": CHECKPOINT_FORMAT, "arch": arch, "prior": prior, "meta": meta,
              "state_dict": {k: stored(k, v) for k, v in model.state_dict().items()}}  # fmt: skip
     atomic_save(state, path)
 
 
-def load_checkpoint(path: Path | str) -> tuple[nn.Sequential, dict[str, Any]]:
-    """Rebuild and load a model saved by :func:`save_checkpoint`; returns ``(model, meta)``."""
+def load_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild and load a model saved by :func:`save_checkpoint` onto ``device``; returns ``(model, meta)``."""
     state = _torch_load(path)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a bclib checkpoint (expected format {CHECKPOINT_FORMAT!r})")
@@ -209,4 +213,4 @@ def load_checkpoint(path: Path | str) -> tuple[nn.Sequential, dict[str, Any]]:
             "Was it saved from another model? Save it again with save_checkpoint."
         ) from err
     model.eval()
-    return model, dict(state["meta"], arch=state["arch"], prior=state["prior"])
+    return model.to(device), dict(state["meta"], arch=state["arch"], prior=state["prior"])

@@ -134,3 +134,15 @@ def test_short_training_on_mnist_reaches_90_percent():
     acc = train.evaluate(net, data.TensorBatches(xte, yte, 1000))
     print(f"accuracy {acc:.4f}, Bayesian epoch on 10k images {time.perf_counter() - t0:.1f}s")
     assert acc > 0.9
+
+
+def test_save_checkpoint_checks_the_architecture(tmp_path):
+    net = models.lenet_300_100("nj")
+    with pytest.raises(ValueError, match="unknown architecture"):
+        train.save_checkpoint(tmp_path / "a.pt", net, "lenet_9", "nj")
+    with pytest.raises(ValueError, match="is not lenet5_caffe with prior 'nj'"):
+        train.save_checkpoint(tmp_path / "a.pt", net, "lenet5_caffe", "nj")
+    assert not (tmp_path / "a.pt").exists()
+    train.save_checkpoint(tmp_path / "a.pt", net, "lenet_300_100", "nj")
+    model, _ = train.load_checkpoint(tmp_path / "a.pt", device="meta")
+    assert next(model.parameters()).device.type == "meta"
