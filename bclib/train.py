@@ -53,6 +53,35 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     return correct / max(total, 1)
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n_batches: int) -> None:
+    """Recompute every BatchNorm's running statistics with the rest of ``model`` as at test time.
+
+    Training passes are noisy (group layers sample their weights), so the statistics BatchNorm
+    keeps are those of noisy activations; at test time the posterior means give activations of
+    smaller variance. Here the group layers run in eval mode (posterior means) and each
+    BatchNorm in training mode with ``momentum=None`` over the first ``n_batches`` batches, so
+    its statistics become their plain average. No weight changes; ``model`` ends in eval mode.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in norms]
+    device = next(model.parameters()).device
+    model.eval()
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    try:
+        for i, (x, _) in enumerate(batches):
+            if i == n_batches:
+                break
+            model(x.to(device))
+    finally:
+        for bn, momentum in zip(norms, momenta):
+            bn.momentum = momentum
+        model.eval()
+
+
 def kl_schedule(epoch: int, warmup: int) -> float:
     """KL weight for ``epoch`` (0-based): linear ramp from 1/warmup to 1 over ``warmup`` epochs."""
     return 1.0 if warmup <= 0 else min(1.0, (epoch + 1) / warmup)

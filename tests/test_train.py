@@ -146,3 +146,17 @@ def test_save_checkpoint_checks_the_architecture(tmp_path):
     train.save_checkpoint(tmp_path / "a.pt", net, "lenet_300_100", "nj")
     model, _ = train.load_checkpoint(tmp_path / "a.pt", device="meta")
     assert next(model.parameters()).device.type == "meta"
+
+
+def test_recalibrate_batchnorm_averages_eval_mode_statistics():
+    """Oracle: BatchNorm's running statistics equal the statistics of its inputs at the posterior means."""
+    torch.manual_seed(0)
+    net = models.to_bayesian(torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3)))
+    xs = [torch.randn(8, 1, 6, 6) for _ in range(3)]
+    train.recalibrate_batchnorm(net, [(x, None) for x in xs + xs], n_batches=3)
+    with torch.no_grad():
+        h = torch.cat([net[0].eval()(x) for x in xs])  # the conv at its posterior means
+    torch.testing.assert_close(net[1].running_mean, h.mean((0, 2, 3)))
+    batch_vars = torch.stack([net[0](x).var((0, 2, 3), unbiased=True) for x in xs])
+    torch.testing.assert_close(net[1].running_var, batch_vars.mean(0))
+    assert not net.training and net[1].momentum == 0.1
