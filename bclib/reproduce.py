@@ -96,20 +96,17 @@ def _describe_device(device: torch.device) -> str:
     return f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
-def _example_input(model: nn.Module, batches: data.TensorBatches) -> dict[str, torch.Tensor]:
-    """``example_input=`` for the compression functions: a zero image ``(1, C, H, W)`` of the
-    data's shape, to trace a network that is not an ``nn.Sequential`` (which needs none)."""
-    if isinstance(model, nn.Sequential):
-        return {}
-    return {"example_input": torch.zeros(1, *batches.x.shape[1:], device=batches.x.device)}
+def _example_input(batches: data.TensorBatches) -> torch.Tensor:
+    """``example_input`` for the compression functions: a zero image ``(1, C, H, W)`` of the data's shape."""
+    return torch.zeros(1, *batches.x.shape[1:], device=batches.x.device)
 
 
 def _compress_one(bayes: nn.Module, max_drop: float, val_b, test_b) -> tuple[dict[str, Any], nn.Module]:
     """Thresholds within ``max_drop`` on held-out data, then prune and round; returns (numbers, pruned net)."""
-    example = _example_input(bayes, val_b)
-    thresholds = compression.search_thresholds(bayes, lambda net: evaluate(net, val_b), max_drop=max_drop, **example)
-    report = compression.compression_report(bayes, thresholds, **example)
-    pruned = compression.prune(bayes, thresholds, **example)
+    x = _example_input(val_b)
+    thresholds = compression.search_thresholds(bayes, lambda net: evaluate(net, val_b), max_drop=max_drop, example_input=x)
+    report = compression.compression_report(bayes, thresholds, x)
+    pruned = compression.prune(bayes, thresholds, x)
     point = {"max_drop": max_drop, "thresholds": thresholds, **report.as_dict(),
              "error_pruned": 100 * (1 - evaluate(pruned, test_b)),
              "error_compressed": 100 * (1 - evaluate(quantized(pruned, report.bits), test_b))}  # fmt: skip
