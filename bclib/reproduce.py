@@ -125,6 +125,20 @@ def _compress_all(bayes: nn.Module, val_b, test_b, pruned_path: Path) -> dict[st
     return {**headline, "tradeoff": [point for point, _ in tradeoff], "compress_seconds": time.perf_counter() - t0}
 
 
+def plain_net(arch: str, out: Path, s: dict[str, int], train_b, test_b, seed: int) -> nn.Module:
+    """The plain net both priors start from: ``out/<arch>-plain.pt``, trained (seeded, resumable) if missing."""
+    device = train_b.x.device
+    plain_path = out / f"{arch}-plain.pt"
+    if plain_path.exists():
+        return load_checkpoint(plain_path)[0].to(device)
+    seed_everything(seed)
+    plain = models.build(arch, None).to(device)
+    train(plain, train_b, s["pre_epochs"], lr_cooldown=s["pre_cooldown"],
+          state_path=out / "state" / f"{arch}-plain.state.pt")
+    save_checkpoint(plain_path, plain, arch, None, test_acc=evaluate(plain, test_b), seed=seed, epochs=s["pre_epochs"])
+    return plain
+
+
 def run(arch: str, prior: str, out: Path, fast: bool, seed: int = 1, batch_size: int = 128,
         epochs: int | None = None) -> dict[str, Any]:
     """One row of the table; returns (and writes) its results.
@@ -145,16 +159,7 @@ def run(arch: str, prior: str, out: Path, fast: bool, seed: int = 1, batch_size:
     train_b.to(device), val_b.to(device), test_b.to(device)
     n_train = len(train_b.x)
 
-    plain_path = out / f"{arch}-plain.pt"
-    if plain_path.exists():
-        plain, _ = load_checkpoint(plain_path)
-        plain = plain.to(device)
-    else:
-        seed_everything(seed)
-        plain = models.build(arch, None).to(device)
-        train(plain, train_b, s["pre_epochs"], lr_cooldown=s["pre_cooldown"],
-              state_path=out / "state" / f"{arch}-plain.state.pt")
-        save_checkpoint(plain_path, plain, arch, None, test_acc=evaluate(plain, test_b), seed=seed, epochs=s["pre_epochs"])
+    plain = plain_net(arch, out, s, train_b, test_b, seed)
     plain_acc = evaluate(plain, test_b)
 
     bayes_path = out / f"{arch}-{prior}.pt"
