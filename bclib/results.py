@@ -1,0 +1,253 @@
+"""The runs of ``python -m bclib.reproduce`` read back, checked and set beside the paper.
+
+A run is ``<arch>-<prior>.json`` (settings, errors, thresholds and the error-compression
+trade-off, one point per threshold budget) with its float16 posterior ``<arch>-<prior>.pt``.
+This module loads both and checks that they agree (:func:`load_run`), writes the kept groups
+as the paper does (:func:`kept_groups`), counts the weights a list of kept groups leaves
+(:func:`weights_of_kept_groups`, which gives the paper's LeNet-300-100 pruning rates from its
+architectures), finds a run's error-compression front and the point nearest the paper's error
+(:func:`front`, :func:`nearest_to_paper`) and builds the Markdown tables of ``reproduce`` and
+the book. The published figures come from :mod:`bclib.paper`.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from torch import nn
+
+from . import compression, models
+from .config import results_dir
+from .paper import PAPER, PRIOR_NAMES
+from .train import load_checkpoint
+
+Result = dict[str, Any]  # one run's JSON, or one point of its "tradeoff" (with "arch" added)
+
+MNIST_RUNS = [(a, p) for a in ("lenet_300_100", "lenet5_caffe") for p in ("nj", "hs")]
+NET_NAMES = {"lenet_300_100": "LeNet-300-100", "lenet5_caffe": "LeNet-5-Caffe", "vgg_cifar10": "VGG-like"}
+# The paper's rows recalled but not found in a source (../shared/reference/paper.md: [unsure]).
+RECALLED = {("lenet_300_100", "nj"), ("lenet_300_100", "hs")}
+
+
+class RunMismatch(ValueError):
+    """A run's JSON records other compression numbers than its checkpoint gives."""
+
+
+@dataclass
+class Run:
+    """One shipped run: its JSON (``result``), the Bayesian network and the checkpoint's metadata."""
+
+    result: Result
+    model: nn.Module
+    meta: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        return run_key(self.result["arch"], self.result["prior"])
+
+
+def run_key(arch: str, prior: str) -> str:
+    """The file stem of a run: ``<arch>-<prior>``."""
+    return f"{arch}-{prior}"
+
+
+def _point_mismatch(model: nn.Module, point: Result) -> Optional[str]:
+    """What differs between a recorded point and ``compression_report`` at its thresholds, if anything."""
+    report = compression.compression_report(model, point["thresholds"]).as_dict()
+    for field in ("architecture", "weights_kept", "bits"):
+        if report[field] != point[field]:
+            return f"{field} {point[field]} recorded, {report[field]} recomputed"
+    if not math.isclose(report["rate_precision"], point["rate_precision"], rel_tol=1e-6):
+        return f"rate_precision {point['rate_precision']:.6g} recorded, {report['rate_precision']:.6g} recomputed"
+    return None
+
+
+def check_run(model: nn.Module, result: Result) -> None:
+    """Raise :class:`RunMismatch` unless every point of ``result`` (the headline and each budget
+    of the trade-off) has the kept architecture, weights, bits and precision rate that
+    ``compression_report`` computes from ``model`` at the point's thresholds."""
+    points = [("headline", result)] + [(f"budget {p['max_drop']}", p) for p in result.get("tradeoff", [])]
+    for name, point in points:
+        why = _point_mismatch(model, point)
+        if why is not None:
+            key = run_key(result["arch"], result["prior"])
+            raise RunMismatch(f"{key}.json ({name}) disagrees with {key}.pt: {why}. The JSON was written by "
+                              f"another version of bclib: run `python -m bclib.reproduce --recompress "
+                              f"--only {key}` to write it again")  # fmt: skip
+
+
+def load_run(arch: str, prior: str, directory: Optional[Path] = None, check: bool = True) -> Run:
+    """Load ``<arch>-<prior>.json`` and ``.pt`` from ``directory`` (default :func:`results_dir`).
+
+    With ``check``, :func:`check_run` must pass. Raises ``FileNotFoundError`` naming the
+    missing file and the command that makes it.
+    """
+    directory = results_dir() if directory is None else Path(directory)
+    key = run_key(arch, prior)
+    for path in (directory / f"{key}.json", directory / f"{key}.pt"):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: `python -m bclib.reproduce --only {key}` makes it "
+                                    "(or point BCLIB_RESULTS at a folder of runs)")  # fmt: skip
+    result = json.loads((directory / f"{key}.json").read_text())
+    model, meta = load_checkpoint(directory / f"{key}.pt")
+    if (meta["arch"], meta["prior"]) != (arch, prior):
+        raise RunMismatch(f"{key}.pt holds {run_key(meta['arch'], meta['prior'])}, not {key}")
+    if check:
+        check_run(model, result)
+    return Run(result, model, meta)
+
+
+def load_runs(runs: Sequence[tuple[str, str]] = MNIST_RUNS, directory: Optional[Path] = None,
+              check: bool = True) -> tuple[dict[str, Run], list[str]]:
+    """The runs of ``runs`` found in ``directory``, by key, and a message for each one missing."""
+    found, missing = {}, []
+    for arch, prior in runs:
+        try:
+            found[run_key(arch, prior)] = load_run(arch, prior, directory, check)
+        except FileNotFoundError as err:
+            missing.append(str(err))
+    return found, missing
+
+
+@lru_cache(maxsize=None)
+def _weighted_layers(arch: str) -> tuple[nn.Module, ...]:
+    """The plain net's linear and conv layers, in the order of a report's ``architecture``."""
+    kinds = (nn.Linear, nn.modules.conv._ConvNd)
+    return tuple(m for m in models.build(arch, None).modules() if isinstance(m, kinds))
+
+
+def _is_conv(arch: str) -> tuple[bool, ...]:
+    return tuple(isinstance(m, nn.modules.conv._ConvNd) for m in _weighted_layers(arch))
+
+
+def kept_groups(result: Result) -> str:
+    """Kept groups as the paper lists them: filters (outputs) of conv layers, inputs of fc layers."""
+    arch = result["architecture"]
+    return "-".join(str(a[1] if conv else a[0]) for conv, a in zip(_is_conv(result["arch"]), arch))
+
+
+def weights_of_kept_groups(arch: str, groups: str | Sequence[int]) -> int:
+    """Weights left in ``arch`` (a chain of layers, as the LeNets) when it keeps ``groups``.
+
+    ``groups`` as :func:`kept_groups` writes them ("8-13-88-13"): a conv layer keeps that many
+    filters and reads the kept filters of the layer before; a fc layer keeps that many inputs
+    and writes the inputs kept by the next fc layer (the last one all its outputs).
+    """
+    counts = [int(g) for g in groups.split("-")] if isinstance(groups, str) else [int(g) for g in groups]
+    layers = _weighted_layers(arch)
+    if len(counts) != len(layers):
+        raise ValueError(f"{arch} has {len(layers)} weighted layers, got {len(counts)} kept groups {groups!r}")
+    total, conv_in = 0, None
+    for i, (m, k) in enumerate(zip(layers, counts)):
+        if isinstance(m, nn.modules.conv._ConvNd):
+            c_in = m.in_channels if conv_in is None else conv_in
+            total += c_in * k * math.prod(m.kernel_size)
+            conv_in = k
+        else:
+            last = i + 1 == len(layers)
+            total += k * (m.out_features if last else counts[i + 1])
+    return total
+
+
+def paper_pruning_rate(arch: str, prior: str) -> tuple[Optional[float], bool]:
+    """The paper's pruning rate and whether it is derived: published if given, else the weights
+    before over those its architecture keeps (:func:`weights_of_kept_groups`); ``None`` without one."""
+    p = PAPER[(arch, prior)]
+    if p["rate_pruning"] is not None:
+        return float(p["rate_pruning"]), False
+    if p["architecture"] is None:
+        return None, False
+    before = sum(m.weight.numel() for m in _weighted_layers(arch))
+    return before / weights_of_kept_groups(arch, p["architecture"]), True
+
+
+def dominates(a: Result, b: Result) -> bool:
+    """``a`` is at most ``b``'s test error and at least its precision rate, and better in one."""
+    no_worse = a["error_compressed"] <= b["error_compressed"] and a["rate_precision"] >= b["rate_precision"]
+    better = a["error_compressed"] < b["error_compressed"] or a["rate_precision"] > b["rate_precision"]
+    return no_worse and better
+
+
+def front(points: Sequence[Result]) -> list[Result]:
+    """The points no other point dominates (error against precision rate), by rising rate."""
+    kept = [p for p in points if not any(dominates(q, p) for q in points)]
+    return sorted(kept, key=lambda p: p["rate_precision"])
+
+
+def nearest_to_paper(result: Result) -> Result:
+    """The trade-off point whose test error is nearest the paper's (ties: the higher rate),
+    with ``arch`` added so :func:`kept_groups` reads it."""
+    target = PAPER[(result["arch"], result["prior"])]["error"]
+    points = result.get("tradeoff") or [result]
+    best = min(points, key=lambda p: (abs(p["error_compressed"] - target), -p["rate_precision"]))
+    return dict(best, arch=result["arch"])
+
+
+def _fmt(v: float | str | None) -> str:
+    """A paper figure for the table: numbers as ``%g``, ``n/a`` where the paper gives none."""
+    return "n/a" if v is None else v if isinstance(v, str) else f"{v:g}"
+
+
+def table(results: list[Result]) -> str:
+    """Markdown table: our runs beside the paper's published figures, then the paper's rows not run here."""
+    rows = ["| network | method | error % (ours / paper) | pruning rate (ours / paper) | "
+            "precision rate (ours / paper) | kept architecture (ours / paper) | bits (exp, sig) |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for r in results:
+        p = PAPER[(r["arch"], r["prior"])]
+        bits = " ".join(f"({b[0]},{b[1]})" for b in r["bits"])
+        rows.append(
+            f"| {r['arch']} | {PRIOR_NAMES[r['prior']]} | {r['error_compressed']:.2f} / {_fmt(p['error'])} | "
+            f"{r['rate_pruning']:.0f} / {_fmt(p['rate_pruning'])} | {r['rate_precision']:.0f} / "
+            f"{_fmt(p['rate_precision'])} | {kept_groups(r)} / {_fmt(p['architecture'])} | {bits} |"
+        )
+    done = {(r["arch"], r["prior"]) for r in results}
+    for (arch, prior), p in PAPER.items():
+        if (arch, prior) not in done:
+            rows.append(f"| {arch} | {PRIOR_NAMES[prior]} | not run here / {_fmt(p['error'])} | "
+                        f"– / {_fmt(p['rate_pruning'])} | – / {_fmt(p['rate_precision'])} | "
+                        f"– / {_fmt(p['architecture'])} | |")  # fmt: skip
+    return "\n".join(rows) + "\n"
+
+
+def tradeoff_table(results: list[Result]) -> str:
+    """Markdown table: each run compressed under every threshold budget it records."""
+    rows = ["| network | method | budget (points of held-out accuracy) | error % | pruning rate | "
+            "precision rate | kept architecture |", "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for r in results:
+        for p in r.get("tradeoff", []):  # JSONs from before the trade-off have none
+            rows.append(
+                f"| {r['arch']} | {PRIOR_NAMES[r['prior']]} | {100 * p['max_drop']:.1f} | "
+                f"{p['error_compressed']:.2f} | {p['rate_pruning']:.0f} | {p['rate_precision']:.0f} | "
+                f"{kept_groups(dict(p, arch=r['arch']))} |"
+            )
+    return "\n".join(rows) + "\n"
+
+
+def matched_table(results: list[Result]) -> str:
+    """Markdown table for the book: each run's point nearest the paper's error beside the paper.
+
+    ``?`` marks the paper's recalled rows, ``(derived)`` a pruning rate computed from the
+    paper's architecture; the budget column says which threshold budget gave the point.
+    """
+    rows = ["| network | method | budget (points) | error % (ours / paper) | pruning rate (ours / paper) | "
+            "precision rate (ours / paper) | kept groups (ours / paper) | bits per layer (ours) |",
+            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in results:
+        arch, prior = r["arch"], r["prior"]
+        p, q = PAPER[(arch, prior)], nearest_to_paper(r)
+        mark = "?" if (arch, prior) in RECALLED else ""
+        rate, derived = paper_pruning_rate(arch, prior)
+        paper_rate = "–" if rate is None else f"{rate:.1f}{mark} (derived)" if derived else f"{rate:g}{mark}"
+        bits = " ".join(f"1+{e}+{s}" for e, s in q["bits"])
+        rows.append(
+            f"| {NET_NAMES[arch]} | {PRIOR_NAMES[prior]} | {100 * q['max_drop']:.1f} | "
+            f"{q['error_compressed']:.2f} / {p['error']:.1f}{mark} | {q['rate_pruning']:.1f} / {paper_rate} | "
+            f"{q['rate_precision']:.1f} / {p['rate_precision']:g}{mark} | "
+            f"{kept_groups(q)} / {p['architecture']}{mark} | {bits} |"
+        )
+    return "\n".join(rows) + "\n"
