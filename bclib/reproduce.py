@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import compression, data, models
+from . import baselines, compression, data, models
 from .atomic import atomic_write
 from .compression import quantized
 from .config import default_device, fast_mode, seed_everything
@@ -105,12 +105,7 @@ def _compress_one(bayes: nn.Module, max_drop: float, val_b, test_b) -> tuple[dic
     """Thresholds within ``max_drop`` on held-out data, then prune and round; returns (numbers, pruned net)."""
     x = _example_input(val_b)
     thresholds = compression.search_thresholds(bayes, lambda net: evaluate(net, val_b), max_drop=max_drop, example_input=x)
-    report = compression.compression_report(bayes, thresholds, x)
-    pruned = compression.prune(bayes, thresholds, x)
-    point = {"max_drop": max_drop, "thresholds": thresholds, **report.as_dict(),
-             "error_pruned": 100 * (1 - evaluate(pruned, test_b)),
-             "error_compressed": 100 * (1 - evaluate(quantized(pruned, report.bits), test_b))}  # fmt: skip
-    return point, pruned
+    return baselines.point(bayes, thresholds, test_b, x, max_drop=max_drop), compression.prune(bayes, thresholds, x)
 
 
 def _compress_all(bayes: nn.Module, val_b, test_b, pruned_path: Path) -> dict[str, Any]:
@@ -184,6 +179,7 @@ def run(arch: str, prior: str, out: Path, fast: bool, seed: int = 1, batch_size:
         "error_plain": 100 * (1 - plain_acc),
         "error_bayes": 100 * (1 - bayes_acc),
         **_compress_all(bayes, val_b, test_b, out / f"{arch}-{prior}-pruned.pt"),
+        "baselines": baselines.all_baselines(bayes, plain, BUDGETS, val_b, test_b, _example_input(val_b)),
         "train_seconds": sum(h["seconds"] for h in history),
         "device": _describe_device(device),
         "torch": torch.__version__,
@@ -207,6 +203,26 @@ def recompress(arch: str, prior: str, out: Path) -> dict[str, Any]:
     val_b.to(device), test_b.to(device)
     bayes, _ = load_checkpoint(bayes_path)
     result.update(_compress_all(bayes.to(device), val_b, test_b, out / f"{arch}-{prior}-pruned.pt"))
+    _atomic_json(result, result_path)
+    return result
+
+
+def add_baselines(arch: str, prior: str, out: Path) -> dict[str, Any]:
+    """Compute the baselines (:mod:`bclib.baselines`) of a finished run and add them to its JSON.
+
+    Needs the run's plain net ``out/<arch>-plain.pt``; trains it again (seeded) if it is missing.
+    """
+    result_path, bayes_path = out / f"{arch}-{prior}.json", out / f"{arch}-{prior}.pt"
+    if not (result_path.is_file() and bayes_path.is_file()):
+        raise FileNotFoundError(f"no finished run {arch}-{prior} in {out} (need {result_path.name} and "
+                                f"{bayes_path.name}): run it first without --baselines")  # fmt: skip
+    result = json.loads(result_path.read_text())
+    device = default_device()
+    train_b, val_b, test_b = _split(arch, result["train_limit"], 128, result["seed"])
+    train_b.to(device), val_b.to(device), test_b.to(device)
+    plain = plain_net(arch, out, _settings(arch, result["fast"]), train_b, test_b, result["seed"])
+    bayes = load_checkpoint(bayes_path)[0].to(device)
+    result["baselines"] = baselines.all_baselines(bayes, plain, BUDGETS, val_b, test_b, _example_input(val_b))
     _atomic_json(result, result_path)
     return result
 
@@ -274,6 +290,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="Bayesian epochs instead of the per-network default (resumes a shorter run's state)")
     ap.add_argument("--recompress", action="store_true",
                     help="redo only the compression of finished runs (after changing BUDGETS or the search)")
+    ap.add_argument("--baselines", action="store_true",
+                    help="compute only the baselines of finished runs (bclib.baselines) into their JSON")
     args = ap.parse_args(argv)
     runs = DEFAULT_RUNS
     if args.only:
@@ -287,7 +305,12 @@ def main(argv: list[str] | None = None) -> None:
     (out / "state").mkdir(parents=True, exist_ok=True)
     results = []
     for arch, prior in runs:
-        r = recompress(arch, prior, out) if args.recompress else run(arch, prior, out, fast, args.seed, epochs=args.epochs)
+        if args.recompress:
+            r = recompress(arch, prior, out)
+        elif args.baselines:
+            r = add_baselines(arch, prior, out)
+        else:
+            r = run(arch, prior, out, fast, args.seed, epochs=args.epochs)
         print(f"{arch}-{prior}: error {r['error_compressed']:.2f}%, x{r['rate_pruning']:.0f} pruning, "
               f"x{r['rate_precision']:.0f} with precision", flush=True)  # fmt: skip
         results.append(r)
