@@ -3,11 +3,16 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import base64  # noqa: E402
+import io  # noqa: E402
 import re  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+import matplotlib.pyplot as plt  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from bclib import compression, models, viz  # noqa: E402
 
@@ -88,8 +93,100 @@ def test_labels_checked(snaps):
 
 
 def test_save_gif(snaps, tmp_path):
-    from PIL import Image
-
     path = viz.save_gif(viz.animate_pixel_mask(snaps, dpi=30), tmp_path / "mask.gif")
     with Image.open(path) as im:
         assert im.n_frames == len(snaps)
+    assert [p.name for p in tmp_path.iterdir()] == ["mask.gif"]  # no temporary file left
+
+
+# --- readability at the page's width (~750 px text column) ------------------------------
+MIN_TICK_PX = 12  # tick labels at least this tall on the page (the issue found ~6 px)
+
+
+def _px(points: float, fig) -> float:
+    return points * fig.dpi / 72
+
+
+@pytest.fixture
+def styled():
+    with matplotlib.rc_context():
+        viz.setup()
+        yield
+    plt.close("all")
+
+
+def test_setup_sets_readable_style(styled):
+    rc = matplotlib.rcParams
+    assert rc["figure.dpi"] == viz.FIGURE_DPI
+    assert rc["figure.figsize"][0] * rc["figure.dpi"] <= 760
+    assert _px(rc["xtick.labelsize"], plt.figure()) >= MIN_TICK_PX
+    with pytest.raises(ValueError, match="formats"):
+        viz.setup(formats=())
+
+
+def _check_readable(fig) -> None:
+    width_px = fig.get_figwidth() * fig.dpi
+    assert 600 <= width_px <= 760, f"figure {width_px:.0f} px wide"
+    for ax in fig.axes:
+        for label in ax.get_xticklabels() + ax.get_yticklabels():
+            assert _px(label.get_fontsize(), fig) >= MIN_TICK_PX
+        if ax.get_label() != "<colorbar>":  # every panel at least a quarter of the page wide
+            assert ax.get_position().width * width_px >= 200, ax.get_title()
+
+
+def test_heatmaps_readable(styled, snaps):
+    images = viz.plot_weight_heatmaps(snaps[0])
+    fig = images[0].axes.figure
+    fig.canvas.draw()
+    _check_readable(fig)
+    assert len(images) == 3 and len(fig.axes) == 6  # three heatmaps with a colour bar each
+    top = images[0].axes.get_position()
+    assert top.width > 0.7 and all(im.axes.get_position().y1 < top.y0 for im in images[1:])
+
+
+def test_heatmap_figure_layout():
+    fig, axes = viz.heatmap_figure(4)
+    assert len(axes) == 4 and fig.get_figwidth() == viz.PAGE_WIDTH
+    with pytest.raises(ValueError, match="n_layers"):
+        viz.heatmap_figure(0)
+    plt.close("all")
+
+
+def test_axes_count_checked(snaps):
+    _, ax = plt.subplots(1, 2)
+    with pytest.raises(ValueError, match="one axes per group layer"):
+        viz.plot_weight_heatmaps(snaps[0], ax)
+    plt.close("all")
+
+
+def test_log_alpha_history(styled, net):
+    snaps = [viz.snapshot(net, THRESHOLDS, epoch=e) for e in range(3)]
+    fig, axes = viz.plot_log_alpha_history(snaps, max_lines=300)
+    fig.canvas.draw()
+    _check_readable(fig)
+    # layer 1: 300 of 784 groups drawn; layers 2, 3: all. 200 + 50 groups were made noisy.
+    assert len(axes[0].lines) == 300 + 1 and len(axes[2].lines) == 100 + 1  # + threshold line
+    assert "300 drawn" in axes[0].get_title() and "584 below" in axes[0].get_title()
+    red = [l for l in axes[1].lines if l.get_color() == "C3"]
+    assert len(red) == 50  # the noisy groups of layer 2 are drawn as pruned
+
+
+def _frame_sizes(html: str) -> set[tuple[int, int]]:
+    frames = re.findall(r'frames\[\d+\] = "data:image/\w+;base64,([^"]+)"', html)
+    sizes = set()
+    for f in frames:
+        with Image.open(io.BytesIO(base64.b64decode(f.replace("\\n", "")))) as im:
+            sizes.add(im.size)
+    return sizes
+
+
+@pytest.mark.parametrize("make", [viz.animate_training, viz.animate_pixel_mask])
+def test_animation_frames_page_wide(styled, snaps, make):
+    html = viz.show_animation(make(snaps[:2]), frame_format="jpeg").data
+    ((w, h),) = _frame_sizes(html)
+    assert 600 <= w <= 760 and h >= 300
+
+
+def test_animation_over_embed_limit_raises(snaps):
+    with pytest.raises(ValueError, match="frames fit"):
+        viz.show_animation(viz.animate_pixel_mask(snaps), embed_limit_mb=0.01)
