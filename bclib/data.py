@@ -12,6 +12,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from . import distributed
 from .config import data_dir
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -100,6 +101,17 @@ class TensorBatches:
 
     ``augment=True`` passes each batch of images through :func:`augment_batch` with the same
     generator (so a training state that saves the generator resumes the same augmentation).
+
+    Several processes (``torch.distributed``, e.g. under ``torchrun``): each holds all of ``x``
+    and ``y`` and gives the same seeded ``generator``; ``rank`` and ``world_size`` default to
+    the process group's (0 and 1 without one). Each pass draws one global permutation of the
+    N examples, as one process would, pads it to a multiple of ``world_size`` by repeating its
+    first examples (at most ``world_size - 1``, as ``DistributedSampler`` does) and gives rank
+    ``r`` every ``world_size``-th example from the ``r``-th: shards of equal length, disjoint
+    but for the padding, so every rank makes the same number of steps. Batch ``j`` of all ranks together is slice
+    ``j`` of ``batch_size * world_size`` examples of the padded permutation: the global batch
+    is ``batch_size * world_size``. Augmentation draws from the shared generator, so the ranks'
+    images get the same shifts and flips within a batch.
     """
 
     def __init__(
@@ -110,6 +122,8 @@ class TensorBatches:
         shuffle: bool = False,
         generator: Optional[torch.Generator] = None,
         augment: bool = False,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
     ) -> None:
         if len(x) != len(y):
             raise ValueError(f"x and y differ in length: {len(x)} vs {len(y)}")
@@ -117,17 +131,38 @@ class TensorBatches:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.x, self.y, self.batch_size, self.shuffle, self.augment = x, y, batch_size, shuffle, augment
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.rank, self.world_size = _rank_and_world(rank, world_size)
 
     def __len__(self) -> int:
-        return (len(self.x) + self.batch_size - 1) // self.batch_size
+        """Batches per pass on this rank."""
+        return (self._shard_size() + self.batch_size - 1) // self.batch_size
+
+    def _shard_size(self) -> int:
+        """Examples per pass on each rank: ``ceil(N / world_size)``."""
+        return (len(self.x) + self.world_size - 1) // self.world_size
 
     def to(self, device: torch.device | str) -> "TensorBatches":
         self.x, self.y = self.x.to(device), self.y.to(device)
         return self
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _order(self) -> Optional[torch.Tensor]:
+        """This rank's example indices for one pass (``None``: all examples in order, one process)."""
         n = len(self.x)
-        order = torch.randperm(n, generator=self.generator).to(self.x.device) if self.shuffle else None
+        if self.shuffle:
+            order = torch.randperm(n, generator=self.generator).to(self.x.device)
+        elif self.world_size == 1:
+            return None
+        else:
+            order = torch.arange(n, device=self.x.device)
+        if self.world_size == 1 or n == 0:
+            return order
+        total = self._shard_size() * self.world_size
+        padded = order.repeat((total + n - 1) // n)[:total]
+        return padded[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self._order()
+        n = len(self.x) if order is None else len(order)
         for i in range(0, n, self.batch_size):
             if order is None:
                 x, y = self.x[i : i + self.batch_size], self.y[i : i + self.batch_size]
@@ -135,6 +170,19 @@ class TensorBatches:
                 idx = order[i : i + self.batch_size]
                 x, y = self.x[idx], self.y[idx]
             yield (augment_batch(x, self.generator) if self.augment else x), y
+
+
+def _rank_and_world(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
+    """Explicit ``rank``/``world_size``, else those of the running process group (0 and 1 without one)."""
+    rank = distributed.rank() if rank is None else rank
+    world_size = distributed.world_size() if world_size is None else world_size
+    for name, v in (("rank", rank), ("world_size", world_size)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"TensorBatches: {name} must be an int, got {v!r}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"TensorBatches: need world_size >= 1 and 0 <= rank < world_size, got rank {rank} "
+                         f"and world_size {world_size} (each process passes its own rank, all the same world_size)")  # fmt: skip
+    return rank, world_size
 
 
 def mnist_batches(

@@ -1,6 +1,8 @@
 """The variational objective, a seeded training loop, evaluation and atomic checkpoints."""
 from __future__ import annotations
 
+import math
+import numbers
 import pickle
 import time
 import zipfile
@@ -12,7 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .atomic import atomic_write
+from .convert import unwrap
 from .models import bayesian_layers, build, forward_with_kl, kl_divergence
 
 CHECKPOINT_FORMAT = "bclib-checkpoint-v1"
@@ -97,6 +101,18 @@ def lr_factor(epoch: int, epochs: int, cooldown: int) -> float:
     return 1.0 if cooldown <= 0 else min(1.0, (epochs - epoch) / cooldown)
 
 
+class NonFiniteLossError(FloatingPointError):
+    """Training met a NaN or infinite loss or parameter at ``epoch``, ``step`` (both 1-based).
+
+    The training state on disk, if any, is that of the last finished epoch: it is never
+    overwritten with non-finite weights, and a run started again resumes from it.
+    """
+
+    def __init__(self, message: str, epoch: int, step: int) -> None:
+        super().__init__(message)
+        self.epoch, self.step = epoch, step
+
+
 def train(
     model: nn.Module,
     train_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -113,72 +129,258 @@ def train(
     """Train with Adam on the negative ELBO (plain cross-entropy for a plain network).
 
     Args:
-        n_data: training-set size N in ``KL / N``; defaults to the number of examples per pass.
+        model: the network; under ``torch.distributed`` with several processes, the network in
+            ``DistributedDataParallel`` (:func:`bclib.distributed.wrap`).
+        train_batches: ``(x, y)`` tensor pairs, iterated once per epoch (a list, a
+            :class:`bclib.data.TensorBatches` or a DataLoader; not a generator, spent after one
+            pass). ``x`` of the model's floating dtype, ``y`` integer class indices in
+            ``[0, classes)`` (any integer dtype; used as int64).
+        epochs: the total number of epochs (>= 1), counting those of a resumed state.
+        n_data: training-set size N in ``KL / N``; defaults to the whole training set
+            (``len(train_batches.x)``, or ``len(train_batches.dataset)`` of a DataLoader),
+            which under several processes is all of the data, not one rank's shard.
+        lr: Adam's learning rate (> 0).
         kl_warmup: epochs over which the KL weight ramps up to 1 (0: no warm-up).
         lr_cooldown: last epochs over which the learning rate falls linearly towards 0 (see :func:`lr_factor`).
-        state_path: if given, the model, optimiser and history are saved there atomically
-            after every epoch, and a run finding that file resumes from it.
-        on_epoch_end: called as ``f(epoch, model)`` after each epoch (e.g. to take snapshots).
+        state_path: if given, the model, optimiser, history and random states (CPU, and CUDA
+            when training on it) are saved there atomically after every epoch, and a run
+            finding that file resumes from it; it must have been saved by this model with at
+            most ``epochs`` epochs.
+        on_epoch_end: called as ``f(epoch, model)`` after each epoch (e.g. to take snapshots), on every rank.
     Returns:
-        One dict per epoch: loss, cross-entropy, KL, KL weight, learning rate, seconds, test accuracy.
+        One dict per epoch: loss, cross-entropy, KL (means over the epoch's steps of all ranks),
+        KL weight, learning rate, seconds, test accuracy (mean over the ranks).
+    Raises:
+        NonFiniteLossError: a loss or, after a step, a parameter is NaN or infinite; the state
+            file keeps the last finished epoch.
+        ValueError, TypeError: bad arguments, batches or state file; the message names the fix.
+
+    Several processes (e.g. ``torchrun``, see :mod:`bclib.distributed`): the negative ELBO per
+    example (paper eqs. 1 and 7) is ``-L/N = (1/N) sum_i CE_i + KL(q || p) / N``. Rank ``r``'s
+    loss on its batch ``B_r`` of ``b`` examples is ``l_r = (1/b) sum_{i in B_r} CE_i + beta KL / N``
+    and DDP averages the gradients, so every rank steps along
+    ``(1/M) sum_r grad l_r = grad[(1/(M b)) sum_{i in B_1 u ... u B_M} CE_i + beta KL / N]``:
+    the single-process estimate on the global batch of ``M b`` examples, with the KL counted
+    once (N is the whole set; N of one shard would count it M times). Rank 0 alone logs and
+    writes the state file, and every rank waits until it is on disk; all ranks resume from
+    that file, each with its own random state (rank 0's when resumed with another number of
+    processes, which also changes the data order).
     """
-    device = next(model.parameters()).device
-    opt = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+    _check_arguments(epochs, n_data, lr, kl_warmup, lr_cooldown)
+    _check_wrapped(model)
+    net = unwrap(model)  # the network itself: its layers, and state_dict keys a plain model loads
+    params = list(net.parameters())
+    device = params[0].device
+    dtype = next((p.dtype for p in params if p.is_floating_point()), None)
+    opt = torch.optim.Adam(params, lr=lr, fused=True)
     history: list[dict[str, float]] = []
     if state_path is not None and Path(state_path).exists():
-        state = _torch_load(state_path)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        history = state["history"]
-        torch.set_rng_state(state["rng"])
-        if "data_rng" in state:
-            train_batches.generator.set_state(state["data_rng"])
-    layers = bayesian_layers(model)
+        history = _resume(Path(state_path), net, opt, train_batches, epochs, device)
+    layers = bayesian_layers(net)
     n_data = n_data or _count(train_batches)
+    show = progress and distributed.is_main()
     for epoch in range(len(history), epochs):
         model.train()
         beta = kl_schedule(epoch, kl_warmup) if layers else 0.0
         for group in opt.param_groups:
             group["lr"] = lr * lr_factor(epoch, epochs, lr_cooldown)
-        sums = {"loss": 0.0, "ce": 0.0, "kl": 0.0}
-        n = 0
+        sums, n = [0.0, 0.0, 0.0], 0  # loss, CE, KL summed over this rank's steps
         t0 = time.perf_counter()
-        bar = tqdm(train_batches, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not progress)
-        for x, y in bar:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        bar = tqdm(train_batches, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not show)
+        for step, batch in enumerate(bar, 1):
+            where = f"epoch {epoch + 1}, step {step}"
+            x, y = _batch(batch, device, dtype, where)
             logits, kl = forward_with_kl(model, x)
-            loss, ce, kl = elbo_loss(model, logits, y, n_data, beta, kl)
+            y = _checked_labels(y, logits, where)
+            loss, ce, kl = elbo_loss(net, logits, y, n_data, beta, kl)
+            values = torch.stack([loss, ce, kl]).detach().tolist()
+            if distributed.any_rank(not math.isfinite(values[0]), device):  # every rank stops, none steps
+                detail = f"the loss is {values[0]} (cross-entropy {values[1]}, KL {values[2]})" if not math.isfinite(values[0]) \
+                    else "the loss is not finite on another rank"  # fmt: skip
+                raise _non_finite(detail, epoch + 1, step, x, state_path, len(history))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             for layer in layers:
                 layer.clip_variances()
-            for k, v in zip(sums, (loss, ce, kl)):
-                sums[k] += v.item()
+            if not _all_finite(params):  # DDP gives every rank the same gradients, so all stop here together
+                bad = [name for name, p in net.named_parameters() if not torch.isfinite(p).all()]
+                raise _non_finite(f"after the optimiser's step, the parameters {bad} hold NaN or infinite values "
+                                  f"(the loss was {values[0]})", epoch + 1, step, x, state_path, len(history))  # fmt: skip
+            sums = [s + v for s, v in zip(sums, values)]
             n += 1
-        record = {k: v / max(n, 1) for k, v in sums.items()}
+        if n == 0:
+            raise ValueError(f"train_batches gave no batches in epoch {epoch + 1}: it is empty, or an iterator "
+                             "spent by an earlier pass (pass a list, a TensorBatches or a DataLoader)")  # fmt: skip
+        totals = distributed.sum_over_ranks(torch.tensor([*sums, n], dtype=torch.float64, device=device)).tolist()
+        record = {k: v / totals[3] for k, v in zip(("loss", "ce", "kl"), totals)}
         record.update(epoch=epoch + 1, kl_weight=beta, lr=opt.param_groups[0]["lr"], seconds=time.perf_counter() - t0)
         if test_batches is not None:
-            record["test_acc"] = evaluate(model, test_batches)
+            acc = torch.tensor([evaluate(net, test_batches)], dtype=torch.float64, device=device)
+            record["test_acc"] = distributed.sum_over_ranks(acc).item() / distributed.world_size()
         history.append(record)
         if on_epoch_end is not None:
             on_epoch_end(epoch, model)
         if state_path is not None:
-            state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "history": history,
-                     "rng": torch.get_rng_state()}  # fmt: skip
-            if isinstance(getattr(train_batches, "generator", None), torch.Generator):
-                state["data_rng"] = train_batches.generator.get_state()
-            atomic_save(state, state_path)
-        if progress:
+            _save_state(Path(state_path), net, opt, history, train_batches, device)
+        if show:
             tqdm.write(_describe(record))
     return history
 
 
+def _check_arguments(epochs: Any, n_data: Any, lr: Any, kl_warmup: Any, lr_cooldown: Any) -> None:
+    """Clear errors for training arguments of the wrong type or range."""
+
+    def integer(name: str, v: Any, least: int, what: str) -> None:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"train: {name} must be an int ({what}), got {v!r} of type {type(v).__name__}")
+        if v < least:
+            raise ValueError(f"train: {name} must be at least {least} ({what}), got {v}")
+
+    integer("epochs", epochs, 1, "the total number of passes over the data, counting resumed ones")
+    if n_data is not None:
+        integer("n_data", n_data, 1, "the number of training examples N in KL / N; None: the whole training set")
+    integer("kl_warmup", kl_warmup, 0, "epochs of the KL weight's ramp; 0: none")
+    integer("lr_cooldown", lr_cooldown, 0, "last epochs of falling learning rate; 0: none")
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"train: lr must be a positive finite number (Adam's learning rate, e.g. 1e-3), got {lr!r}")
+
+
+def _check_wrapped(model: nn.Module) -> None:
+    """Under several processes the model must be in DDP, or each rank would train its own copy."""
+    world = distributed.world_size()
+    if world > 1 and not isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ValueError(f"train: torch.distributed runs {world} processes but the model is not in "
+                         "DistributedDataParallel: pass bclib.distributed.wrap(model), so that the ranks train one model")  # fmt: skip
+
+
+def _batch(batch: Any, device: torch.device, dtype: Optional[torch.dtype], where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)`` of one training batch on ``device``; inputs of another floating dtype than the model's are an error."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, torch.Tensor) for t in batch)):
+        raise TypeError(f"{where}: a training batch must be a pair (x, y) of tensors, got {type(batch).__name__}")
+    x, y = (t.to(device, non_blocking=True) for t in batch)
+    if dtype is not None and x.is_floating_point() and x.dtype != dtype:
+        raise TypeError(f"{where}: the inputs are {x.dtype} but the model's parameters are {dtype}: convert the "
+                        f"data once (e.g. TensorBatches(x.to({dtype}), y)) or the model (model.to({x.dtype}))")  # fmt: skip
+    return x, y
+
+
+def _checked_labels(y: torch.Tensor, logits: torch.Tensor, where: str) -> torch.Tensor:
+    """``y`` as int64 class indices, checked against the logits' shape and number of classes.
+
+    Checked before the cross-entropy, whose own error for a label out of range is an index
+    error on the CPU and a device-side assert (which ends the CUDA context) on a GPU.
+    """
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"{where}: labels must be integer class indices, got {y.dtype} "
+                        "(convert them with y.long(); one-hot labels: y.argmax(1))")  # fmt: skip
+    classes = logits.shape[1] if logits.dim() > 1 else logits.shape[0]
+    shape = logits.shape[:1] + logits.shape[2:] if logits.dim() > 1 else torch.Size([])
+    if y.shape != shape:
+        raise ValueError(f"{where}: labels have shape {tuple(y.shape)} but the model's outputs {tuple(logits.shape)} "
+                         f"need labels of shape {tuple(shape)} (one class index per example)")  # fmt: skip
+    if y.numel() == 0:
+        raise ValueError(f"{where}: an empty batch (no examples): drop it from train_batches")
+    low, high = torch.aminmax(y.long())
+    low, high = int(low), int(high)
+    if low < 0 or high >= classes:
+        raise ValueError(f"{where}: labels must lie in [0, {classes - 1}] for the model's {classes} outputs, "
+                         f"got labels from {low} to {high} (1-based labels? subtract 1; else give the model more outputs)")  # fmt: skip
+    return y.long()
+
+
+def _all_finite(params: list[torch.Tensor]) -> bool:
+    """Are all parameters finite? One sum per tensor: NaN or inf when any element is (or the
+    weights are past 1e38 in total, which a diverged run is anyway)."""
+    return bool(torch.stack([p.detach().sum() for p in params]).isfinite().all())
+
+
+def _non_finite(detail: str, epoch: int, step: int, x: torch.Tensor, state_path: Optional[Path | str],
+                saved: int) -> NonFiniteLossError:  # fmt: skip
+    """The error for a NaN or infinite loss or parameter: where, a likely cause, and what is on disk."""
+    bad = int((~torch.isfinite(x)).sum()) if x.is_floating_point() else 0
+    cause = (f"this batch's inputs hold {bad} NaN or infinite values: clean the data (drop or replace them, "
+             "e.g. torch.nan_to_num)" if bad else
+             "this batch's inputs are finite: lower the learning rate (lr) or lengthen the KL warm-up (kl_warmup)")  # fmt: skip
+    if state_path is None:
+        kept = "No training state is saved (state_path=None)."
+    elif saved:
+        kept = f"{state_path} is left as it was, after epoch {saved}: fix the cause and train again to resume from it."
+    else:
+        kept = f"Nothing was written to {state_path}."
+    return NonFiniteLossError(f"training stopped at epoch {epoch}, step {step}: {detail}; {cause}. {kept}", epoch, step)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's random states: the CPU's, and every GPU's when training on CUDA."""
+    state: dict[str, Any] = {"rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _save_state(path: Path, net: nn.Module, opt: torch.optim.Optimizer, history: list[dict[str, float]],
+                batches: Iterable, device: torch.device) -> None:  # fmt: skip
+    """Rank 0 writes the training state atomically (with every rank's random state); all ranks wait for it."""
+    rngs = distributed.gather(_rng_state(device))
+    if distributed.is_main():
+        state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "history": history, **rngs[0]}
+        if len(rngs) > 1:
+            state["rank_rng"] = rngs
+        if isinstance(getattr(batches, "generator", None), torch.Generator):
+            state["data_rng"] = batches.generator.get_state()
+        atomic_save(state, path)
+    distributed.barrier()
+
+
+def _resume(path: Path, net: nn.Module, opt: torch.optim.Optimizer, batches: Iterable, epochs: int,
+            device: torch.device) -> list[dict[str, float]]:  # fmt: skip
+    """Load the training state at ``path`` into ``net``, ``opt``, the random generators; returns its history."""
+    state = _torch_load(path)
+    if not isinstance(state, dict) or not {"model", "optimizer", "history", "rng"} <= set(state):
+        keys = sorted(state)[:6] if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path} is not a training state written by bclib.train.train (it holds {keys}): "
+                         "pass another state_path, or delete the file to train from the start")  # fmt: skip
+    _check_same_model(path, state["model"], net.state_dict())
+    history = state["history"]
+    if len(history) > epochs:
+        raise ValueError(f"{path} holds {len(history)} trained epochs, more than epochs={epochs}: pass "
+                         f"epochs >= {len(history)} to go on from it, or another state_path to train afresh")  # fmt: skip
+    net.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    ranks = state.get("rank_rng")
+    own = ranks[distributed.rank()] if ranks is not None and len(ranks) == distributed.world_size() else state
+    torch.set_rng_state(own["rng"])
+    if device.type == "cuda" and "cuda_rng" in own:
+        for i, s in enumerate(own["cuda_rng"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
+    if "data_rng" in state:
+        batches.generator.set_state(state["data_rng"])
+    return history
+
+
+def _check_same_model(path: Path, saved: dict[str, Any], own: dict[str, torch.Tensor]) -> None:
+    """A clear error when the state file's parameters are not those of the model being trained."""
+    missing = [k for k in own if k not in saved]
+    unexpected = [k for k in saved if k not in own]
+    shapes = [f"{k} {tuple(saved[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in saved and tuple(getattr(saved[k], "shape", ())) != tuple(v.shape)]  # fmt: skip
+    if missing or unexpected or shapes:
+        diff = "; ".join(f"{what}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
+                         for what, items in (("missing", missing), ("not in this model", unexpected),
+                                             ("shapes differ (file vs model)", shapes)) if items)  # fmt: skip
+        raise ValueError(f"{path} is the training state of another model ({diff}), so it cannot resume this one: "
+                         "give this model its own state_path, or delete the file to train from the start")  # fmt: skip
+
+
 def _count(batches: Iterable) -> int:
-    x = getattr(batches, "x", None)
-    if x is None:
-        raise ValueError("pass n_data: the number of training examples N in KL/N")
-    return len(x)
+    """N of the whole training set: the length of a TensorBatches' ``x`` (all the data, on every
+    rank) or of a DataLoader's ``dataset``."""
+    for examples in (getattr(batches, "x", None), getattr(batches, "dataset", None)):
+        if examples is not None:
+            return len(examples)
+    raise ValueError("train: pass n_data, the number of training examples N in KL / N "
+                     "(it cannot be read from a list or an iterator of batches)")  # fmt: skip
 
 
 def _describe(r: dict[str, float]) -> str:
