@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import time
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from .atomic import atomic_write
 from .compression import quantized
 from .config import default_device, fast_mode, seed_everything
 from .paper import PAPER, PRIOR_NAMES
+from .results import kept_groups as _kept_groups, table, tradeoff_table  # noqa: F401 (re-exported)
 from .train import atomic_save, evaluate, load_checkpoint, save_checkpoint, train
 
 DATASETS = {"lenet_300_100": "mnist", "lenet5_caffe": "mnist", "vgg_cifar10": "cifar10"}
@@ -225,58 +225,6 @@ def add_baselines(arch: str, prior: str, out: Path) -> dict[str, Any]:
     result["baselines"] = baselines.all_baselines(bayes, plain, BUDGETS, val_b, test_b, _example_input(val_b))
     _atomic_json(result, result_path)
     return result
-
-
-@lru_cache(maxsize=None)
-def _is_conv(arch: str) -> tuple[bool, ...]:
-    """Per linear/conv layer of ``arch``, in the order of a report's ``architecture``: is it a conv layer?"""
-    layers = [m for m in models.build(arch, None).modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
-    return tuple(isinstance(m, nn.modules.conv._ConvNd) for m in layers)
-
-
-def _kept_groups(r: dict[str, Any]) -> str:
-    """Kept groups as the paper lists them: filters (outputs) of conv layers, inputs of fc layers."""
-    return "-".join(str(a[1] if conv else a[0]) for conv, a in zip(_is_conv(r["arch"]), r["architecture"]))
-
-
-def _fmt(v: float | str | None) -> str:
-    """A paper figure for the table: numbers as ``%g``, ``n/a`` where the paper gives none."""
-    return "n/a" if v is None else v if isinstance(v, str) else f"{v:g}"
-
-
-def table(results: list[dict[str, Any]]) -> str:
-    """Markdown table: our runs beside the paper's published figures, then the paper's rows not run here."""
-    rows = ["| network | method | error % (ours / paper) | pruning rate (ours / paper) | "
-            "precision rate (ours / paper) | kept architecture (ours / paper) | bits (exp, sig) |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
-    for r in results:
-        p = PAPER[(r["arch"], r["prior"])]
-        bits = " ".join(f"({b[0]},{b[1]})" for b in r["bits"])
-        rows.append(
-            f"| {r['arch']} | {PRIOR_NAMES[r['prior']]} | {r['error_compressed']:.2f} / {_fmt(p['error'])} | "
-            f"{r['rate_pruning']:.0f} / {_fmt(p['rate_pruning'])} | {r['rate_precision']:.0f} / {_fmt(p['rate_precision'])} | "
-            f"{_kept_groups(r)} / {_fmt(p['architecture'])} | {bits} |"
-        )
-    done = {(r["arch"], r["prior"]) for r in results}
-    for (arch, prior), p in PAPER.items():
-        if (arch, prior) not in done:
-            rows.append(f"| {arch} | {PRIOR_NAMES[prior]} | not run here / {_fmt(p['error'])} | "
-                        f"– / {_fmt(p['rate_pruning'])} | – / {_fmt(p['rate_precision'])} | "
-                        f"– / {_fmt(p['architecture'])} | |")  # fmt: skip
-    return "\n".join(rows) + "\n"
-
-
-def tradeoff_table(results: list[dict[str, Any]]) -> str:
-    """Markdown table: each run compressed under every threshold budget of ``BUDGETS``."""
-    rows = ["| network | method | budget (points of held-out accuracy) | error % | pruning rate | precision rate | kept architecture |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
-    for r in results:
-        for p in r.get("tradeoff", []):  # JSONs from before the trade-off have none
-            rows.append(
-                f"| {r['arch']} | {PRIOR_NAMES[r['prior']]} | {100 * p['max_drop']:.1f} | {p['error_compressed']:.2f} | "
-                f"{p['rate_pruning']:.0f} | {p['rate_precision']:.0f} | {_kept_groups(dict(p, arch=r['arch']))} |"
-            )
-    return "\n".join(rows) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
