@@ -61,9 +61,16 @@ def _layers_of(model: nn.Module) -> list[BayesianGroupLayer]:
     return layers
 
 
+def _is_number(t: Any) -> bool:
+    """A real number: a Python or numpy scalar, or a one-element tensor (not a bool)."""
+    if isinstance(t, torch.Tensor):
+        return t.numel() == 1 and not t.dtype.is_complex and t.dtype != torch.bool
+    return isinstance(t, numbers.Real) and not isinstance(t, bool)
+
+
 def _check_thresholds(layers: list[BayesianGroupLayer], thresholds: Sequence[float]) -> list[float]:
-    if isinstance(thresholds, (str, bytes)) or not hasattr(thresholds, "__len__") or not all(
-        isinstance(t, (numbers.Real, torch.Tensor)) and not isinstance(t, bool) for t in thresholds
+    if isinstance(thresholds, (str, bytes, dict)) or not hasattr(thresholds, "__len__") or not all(
+        _is_number(t) for t in thresholds
     ):
         raise TypeError(f"thresholds must be a list of numbers, one log-alpha value per group layer "
                         f"(e.g. [-3.0] * {len(layers)}), got {thresholds!r:.80}")  # fmt: skip
@@ -191,6 +198,8 @@ def apply_masks(model: nn.Module, masks: Optional[Sequence[LayerMask]]) -> None:
     """
     model = unwrap(model)
     layers = _layers_of(model)
+    if masks is not None:
+        _check_masks(layers, masks)
     for handle in _MASK_HOOKS.pop(model, []):
         handle.remove()
     if masks is None:
@@ -204,6 +213,17 @@ def apply_masks(model: nn.Module, masks: Optional[Sequence[LayerMask]]) -> None:
     channels = getattr(masks, "channels", {})
     _MASK_HOOKS[model] = [model.get_submodule(name).register_forward_hook(_zero_pruned_channels(keep))
                           for name, keep in channels.items()]  # fmt: skip
+
+
+def _check_masks(layers: list[BayesianGroupLayer], masks: Sequence[LayerMask]) -> None:
+    """One :class:`LayerMask` per group layer, as :func:`group_masks` gives them."""
+    if not all(isinstance(m, LayerMask) for m in masks):
+        kinds = sorted({type(m).__name__ for m in masks if not isinstance(m, LayerMask)})
+        raise TypeError(f"masks must be LayerMask objects (got {', '.join(kinds)}): "
+                        "pass group_masks(model, thresholds), not the thresholds themselves")  # fmt: skip
+    if len(masks) != len(layers):
+        raise ValueError(f"got {len(masks)} masks for {len(layers)} group layers: "
+                         "pass all of group_masks(model, thresholds), one LayerMask per layer")  # fmt: skip
 
 
 def _kept(t: torch.Tensor, m: LayerMask) -> torch.Tensor:
@@ -407,11 +427,37 @@ def quantized(net: nn.Module, bits: Sequence[LayerBits]) -> nn.Module:
         layers = [net.get_submodule(n) for n in names]
     else:  # a plain net of other origin: its linear and conv layers in order
         layers = [m for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    if not all(isinstance(b, LayerBits) for b in bits):
+        raise TypeError(f"bits must be LayerBits (exponent, significand), got {bits!r:.80}: "
+                        "pass compression_report(model, thresholds).bits")  # fmt: skip
+    if len(bits) != len(layers):
+        raise ValueError(f"got {len(bits)} bit widths for {len(layers)} layers: "
+                         "pass compression_report(model, thresholds).bits, one LayerBits per former group layer")  # fmt: skip
     with torch.no_grad():
         for layer, b in zip(layers, bits):
             if layer.weight.numel():
                 layer.weight.copy_(round_to_bits(layer.weight, b.exponent, b.significand))
     return net
+
+
+def _accuracy(acc: Any) -> float:
+    """``acc`` as a float in [0, 1]; a clear ``ValueError`` for anything else (None, NaN, 5.0, 97.5, ...)."""
+    value = float(acc) if _is_number(acc) else math.nan
+    if not 0.0 <= value <= 1.0:
+        hint = " (a percentage? divide by 100)" if 1.0 < value <= 100.0 else ""
+        raise ValueError(f"accuracy_of must return an accuracy between 0 and 1 (a float), got {acc!r:.80}{hint}")
+    return value
+
+
+def _check_search_arguments(accuracy_of: Any, max_drop: Any, candidates: Any, passes: Any) -> None:
+    if not callable(accuracy_of):
+        raise TypeError(f"accuracy_of must be a function of the pruned net returning its accuracy, got "
+                        f"{type(accuracy_of).__name__}: e.g. lambda net: evaluate(net, validation_batches)")  # fmt: skip
+    if not _is_number(max_drop) or not 0.0 <= float(max_drop) <= 1.0:
+        raise ValueError(f"max_drop must be a share of accuracy between 0 and 1 (e.g. 0.003 for 0.3 points), got {max_drop!r}")
+    for name, value, least in (("candidates", candidates, 2), ("passes", passes, 1)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{name} must be a whole number, at least {least}, got {value!r}")
 
 
 @torch.no_grad()
@@ -433,12 +479,10 @@ def search_thresholds(
     ``log_alpha``, so rounding it changes nothing; every layer keeps at least one group.
     """
     layers = _layers_of(model)
+    _check_search_arguments(accuracy_of, max_drop, candidates, passes)
 
     def score(net: nn.Module) -> float:
-        acc = accuracy_of(net)
-        if isinstance(acc, bool) or not isinstance(acc, (int, float)) or not 0.0 <= acc <= 1.0:
-            raise ValueError(f"accuracy_of must return an accuracy between 0 and 1 (a float), got {acc!r}")
-        return float(acc)
+        return _accuracy(accuracy_of(net))
 
     base = score(dense(model, example_input))
     thresholds = [layer.log_alpha.max().item() + 1.0 for layer in layers]

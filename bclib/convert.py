@@ -76,20 +76,22 @@ def to_bayesian(
             registration order), as the public tutorial does; None for no cap.
         tau0: the horseshoe's global scale.
         keep_plain: qualified module names (as in ``model.named_modules()``) to leave plain,
-            with everything inside them (e.g. ``["fc"]`` for a ResNet's last layer).
+            with everything inside them (e.g. ``["fc"]`` or ``"fc"`` for a ResNet's last layer).
         strict: raise ``ValueError`` instead of warning when a layer with weights cannot be
             converted (grouped or circular-padded convolutions, transposed convolutions,
             subclasses of ``nn.Linear`` such as attention's projections, embeddings, layers
             whose weights the surrounding code reads itself).
 
     The posterior means start at the plain weights and biases. Layers left plain are listed
-    in a :class:`ConversionWarning` with the reason.
+    in a :class:`ConversionWarning` with the reason; a model with no layer to convert is a
+    ``ValueError`` (there would be nothing to compress).
     """
     if prior not in PRIORS:
         raise ValueError(f"unknown prior {prior!r}: use one of {sorted(PRIORS)}")
     if not isinstance(model, nn.Module):
-        raise TypeError(f"to_bayesian needs an nn.Module, got {type(model).__name__}")
-    keep = set(keep_plain)
+        raise TypeError(f"to_bayesian needs an nn.Module, got {type(model).__name__}: pass the network itself "
+                        "(load a state_dict into its network first)")  # fmt: skip
+    keep = {keep_plain} if isinstance(keep_plain, str) else set(keep_plain)
     names = {name for name, _ in model.named_modules()}
     if keep - names:
         raise ValueError(f"keep_plain names {sorted(keep - names)} are not modules of the model; "
@@ -99,7 +101,7 @@ def to_bayesian(
     read_directly = _weights_read_directly(model)
     net = copy.deepcopy(model)
     left: list[str] = []
-    first = True
+    first = True  # no layer converted yet
 
     def convert(parent: nn.Module, prefix: str) -> None:
         nonlocal first
@@ -125,11 +127,17 @@ def to_bayesian(
         net = holder[0]
     else:
         convert(net, "")
+    if first:
+        found = f" (left plain: {'; '.join(left)})" if left else ""
+        kept = f" not named in keep_plain={sorted(keep)}" if keep else ""
+        raise ValueError(f"to_bayesian found no layer to convert in {type(model).__name__}{found}: it converts "
+                         f"nn.Linear or nn.Conv1d/2d/3d layers (groups=1, zero padding){kept}")  # fmt: skip
     if left:
         msg = f"to_bayesian left {len(left)} layer(s) with weights plain: " + "; ".join(left)
         if strict:
             raise ValueError(msg + ". Pass keep_plain=[...] to keep them plain on purpose, or strict=False.")
-        warnings.warn(msg, ConversionWarning, stacklevel=2)
+        warnings.warn(msg + ". They are neither pruned nor reduced; pass keep_plain=[...] to keep them plain on purpose "
+                      "(silences this warning), or strict=True to make it an error.", ConversionWarning, stacklevel=2)  # fmt: skip
     return net
 
 

@@ -7,6 +7,8 @@ on whole batches of tensors instead (:func:`augment_batch`).
 """
 from __future__ import annotations
 
+import math
+import struct
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -16,8 +18,77 @@ from . import distributed
 from .config import data_dir
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+# IDX files of MNIST: magic number (0x0000 0803 images, 0x0000 0801 labels) and sizes after it.
+_IDX_IMAGES, _IDX_LABELS = 2051, 2049
+MNIST_SIZE = 28
 # Per-channel mean and standard deviation of CIFAR-10's 50,000 training images (RGB).
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+class DataFileError(ValueError):
+    """A data file under ``BCLIB_DATA`` is damaged: truncated, too long, or not the file its name says."""
+
+
+def _check_root(root: Path, download: bool, holds: str) -> None:
+    """``root`` must be a folder; it may be missing only when it is to receive a download."""
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"the data folder {root} is a file, not a folder: point BCLIB_DATA (or root=) "
+                                 f"at the folder that holds {holds}")  # fmt: skip
+    if not root.exists() and not download:
+        raise FileNotFoundError(f"the data folder {root.resolve()} does not exist (download=False): create it with "
+                                f"{holds} inside, or point BCLIB_DATA (or root=) at the folder that holds {holds}")  # fmt: skip
+
+
+def _idx_count(path: Path, magic: int, sizes: tuple[int, ...], fix: str) -> int:
+    """Examples in the MNIST IDX file ``path`` after checking its header and length.
+
+    ``sizes`` are the sizes after the count (``(28, 28)`` for images, ``()`` for labels); the
+    file is a big-endian ``uint32`` magic number, the count, ``sizes``, then one byte per value.
+    """
+    header_len = 4 * (2 + len(sizes))
+    with open(path, "rb") as f:
+        header = f.read(header_len)
+    length = path.stat().st_size
+    found = struct.unpack(">I", header[:4])[0] if length >= 4 else magic
+    if found != magic:
+        raise DataFileError(f"{path} is not an MNIST {'image' if magic == _IDX_IMAGES else 'label'} file: bad magic "
+                            f"number {found}, expected {magic} (garbage bytes or another file). {fix}")  # fmt: skip
+    if length < header_len:
+        raise DataFileError(f"{path} is truncated: {length} bytes, shorter than its {header_len}-byte header. {fix}")
+    _, count, *dims = struct.unpack(f">{2 + len(sizes)}I", header)
+    if tuple(dims) != sizes:
+        raise DataFileError(f"{path} holds {' x '.join(map(str, dims))} images, MNIST's are "
+                            f"{' x '.join(map(str, sizes))}. {fix}")  # fmt: skip
+    expected = header_len + count * math.prod(sizes)
+    if length != expected:
+        what = "truncated" if length < expected else "too long"
+        raise DataFileError(f"{path} is {what}: {length} bytes, expected {expected} for the {count} examples "
+                            f"its header announces. {fix}")  # fmt: skip
+    return count
+
+
+def _check_mnist_files(raw: Path, train: bool) -> None:
+    """Check the split's image and label files in ``raw`` where present (missing ones are torchvision's to fetch)."""
+    from torchvision.datasets import MNIST
+
+    prefix = "train" if train else "t10k"
+    images, labels = raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
+    fix = (f"Delete it so that it is downloaded again (load_mnist(download=True) or python -m bclib.reproduce), "
+           f"or replace it by the unzipped file from {MNIST.mirrors[0]}")  # fmt: skip
+    counts = [_idx_count(p, magic, sizes, fix) if p.is_file() else None
+              for p, magic, sizes in ((images, _IDX_IMAGES, (MNIST_SIZE, MNIST_SIZE)), (labels, _IDX_LABELS, ()))]  # fmt: skip
+    if None not in counts and counts[0] != counts[1]:
+        raise DataFileError(f"{images} holds {counts[0]} images but {labels} {counts[1]} labels: one of them is damaged "
+                            "or from another copy. Delete both so that they are downloaded again")  # fmt: skip
+
+
+def _check_limit(limit: Optional[int]) -> None:
+    if limit is None:
+        return
+    if not isinstance(limit, int) or isinstance(limit, bool):
+        raise TypeError(f"limit={limit!r}: give a positive number of examples or None (all)")
+    if limit < 1:
+        raise ValueError(f"limit={limit}: give a positive number of examples or None (all)")
 
 
 def load_mnist(
@@ -27,18 +98,25 @@ def load_mnist(
 
     Reads ``<root>/MNIST/raw`` (root defaults to ``$BCLIB_DATA`` or ``data/``), downloading
     there first when ``download`` and the files are missing. ``limit`` keeps the first N.
+    A damaged file (truncated, too long, of the wrong kind) is a :class:`DataFileError`
+    naming it; it is not replaced.
     """
     from torchvision.datasets import MNIST
 
+    _check_limit(limit)
     root = Path(root) if root is not None else data_dir()
+    _check_root(root, download, "MNIST/raw")
+    raw = root / "MNIST" / "raw"
+    _check_mnist_files(raw, train)
     try:
         ds = MNIST(str(root), train=train, download=download)
     except (RuntimeError, OSError) as err:
+        names = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+        missing = [n for n in names if not (raw / n).is_file()]
         raise FileNotFoundError(
-            f"MNIST is not in {root.resolve() / 'MNIST' / 'raw'} and could not be downloaded ({err}). "
-            "Put the four files train-images-idx3-ubyte, train-labels-idx1-ubyte, "
-            "t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte there (gzipped or not), "
-            "or point BCLIB_DATA at the folder that holds MNIST/raw."
+            f"MNIST is not in {raw.resolve()} (missing: {', '.join(missing) or 'none'}) and could not be "
+            f"downloaded ({err}). Put the four files {', '.join(names)} there, or point BCLIB_DATA at the "
+            "folder that holds MNIST/raw."
         ) from err
     x, y = ds.data, ds.targets
     if limit is not None:
@@ -59,7 +137,9 @@ def load_cifar10(
     """
     from torchvision.datasets import CIFAR10
 
+    _check_limit(limit)
     root = Path(root) if root is not None else data_dir()
+    _check_root(root, download, f"{CIFAR10.base_folder} or cifar-10-python.tar.gz")
     try:
         ds = CIFAR10(str(root), train=train, download=download)
     except (RuntimeError, OSError) as err:

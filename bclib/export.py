@@ -33,6 +33,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from . import precision
 from .atomic import atomic_write
 from .compression import LayerBits, compression_report, prune
+from .convert import bayesian_layers
 from .load_compressed import FORMAT_VERSION, HEADER, LENGTHS, MAGIC
 
 Record = tuple[dict, bytes]  # a layer's spec entry and its payload chunk
@@ -124,7 +125,12 @@ def export_onnx(net: nn.Module, path: Union[str, Path], example_input: torch.Ten
     torch's default) needs the onnx and onnxscript packages. ``net`` is not changed.
     """
     if not isinstance(net, nn.Module):
-        raise TypeError(f"export_onnx needs an nn.Module, got {type(net).__name__}")
+        raise TypeError(f"export_onnx needs an nn.Module, got {type(net).__name__}: pass the network "
+                        "(e.g. bclib.compression.prune's output)")  # fmt: skip
+    if bayesian_layers(net):
+        raise TypeError(f"export_onnx writes plain networks, and this {type(net).__name__} has Bayesian group layers: "
+                        "export the pruned net compression.prune(net, thresholds, x), or the unpruned posterior "
+                        "means compression.dense(net, x)")  # fmt: skip
     if not isinstance(example_input, torch.Tensor):
         raise TypeError(
             f"example_input must be a torch.Tensor batch the net accepts, e.g. torch.randn(1, 1, 28, 28), "
@@ -206,8 +212,14 @@ def export_compressed(bayes_model: nn.Module, thresholds: Sequence[float], path:
     ``bclib.compression.quantized`` rounds them, so ``load_compressed(path)`` gives that net's
     outputs. Layers that ``to_bayesian`` left plain are stored at float32 precision.
     """
+    _check_file_path(path)
     net = prune(bayes_model, thresholds).cpu()
     return _write_net(net, compression_report(bayes_model, thresholds).bits, path)
+
+
+def _check_file_path(path: Union[str, Path]) -> None:
+    if Path(path).is_dir():
+        raise IsADirectoryError(f"{path} is a directory: give a file path, e.g. {Path(path) / 'model.bclb'}")
 
 
 def _write_net(net: nn.Module, bits: Sequence[LayerBits], path: Union[str, Path]) -> int:
@@ -245,7 +257,9 @@ def _records(net: torch.fx.GraphModule, bits: dict[str, LayerBits]) -> Iterator[
         if node.op == "get_attr":  # the index of an index_select, read below
             continue
         if node.op != "placeholder" and node.args[0] is not prev:
-            raise ValueError("export_compressed needs a chain of layers, as bclib.compression.prune builds")
+            raise ValueError(f"export_compressed needs a chain of layers (each reading the one before), but "
+                             f"{node.format_node()} reads another: write networks with branches or residual adds "
+                             "as ONNX, export_onnx(prune(net, thresholds, x), path, x)")  # fmt: skip
         prev = node
         if node.op == "call_module":
             m = net.get_submodule(node.target)

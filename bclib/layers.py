@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -140,6 +141,10 @@ class BayesianGroupLayer(nn.Module):
 
 
 def _checked(t: torch.Tensor, shape: tuple[int, ...], name: str) -> torch.Tensor:
+    if isinstance(t, np.ndarray):
+        t = torch.from_numpy(t)
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or a numpy array, got {type(t).__name__}")
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} has shape {tuple(t.shape)} but the layer needs {tuple(shape)}")
     return t.detach()

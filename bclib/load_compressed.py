@@ -49,6 +49,8 @@ HEADER = struct.Struct("<4sII")  # magic, format version, CRC-32 of the rest
 LENGTHS = struct.Struct("<II")  # spec length, payload length (covered by the CRC)
 MAX_EXPONENT_BITS = 8
 MAX_SIGNIFICAND_BITS = 23
+# What to do with a damaged file, said in every error about one.
+_FIX = "export it again with bclib.export.export_compressed, or restore the file from a copy"
 
 
 class SelectFeatures(nn.Module):
@@ -67,46 +69,52 @@ class SelectFeatures(nn.Module):
 
 def load_compressed(path: Union[str, PathLike]) -> nn.Sequential:
     """The network stored at ``path``; ``ValueError`` if the file is not a valid version-1 model."""
-    spec, payload = _read_file(Path(path).read_bytes())
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory: give the path of a file written by export_compressed")
+    if not path.is_file():
+        raise FileNotFoundError(f"no compressed model at {path}: check the path (bclib.export.export_compressed writes one)")
+    spec, payload = _read_file(path.read_bytes())
     layers = spec.get("layers") if isinstance(spec, dict) else None
     if not isinstance(layers, list):
-        raise ValueError("malformed bclib compressed model: the spec has no layer list")
+        raise ValueError(f"malformed bclib compressed model: the spec has no layer list; {_FIX}")
     reader = _Reader(payload)
     modules = []
     for i, layer in enumerate(layers):
         try:
             modules.append(_build(layer, reader))
         except (KeyError, TypeError, AttributeError, RuntimeError) as err:
-            raise ValueError(f"malformed bclib compressed model: layer {i} ({layer!r:.80}): {err!r}") from err
+            raise ValueError(f"malformed bclib compressed model: layer {i} ({layer!r:.80}): {err!r}; {_FIX}") from err
     if reader.offset != len(payload):
-        raise ValueError(f"file altered or corrupt: {len(payload) - reader.offset} payload bytes not described by the spec")
+        raise ValueError(f"file altered or corrupt: {len(payload) - reader.offset} payload bytes not described by the spec; {_FIX}")
     return nn.Sequential(*modules).eval()
 
 
 def _read_file(data: bytes) -> tuple[Any, bytes]:
     """Check magic, version, length and CRC-32; return the parsed spec and the payload."""
     if data[: len(MAGIC)] != MAGIC[: len(data)]:
-        raise ValueError("not a bclib compressed model (wrong magic bytes; expected a file written by bclib.export)")
+        raise ValueError("not a bclib compressed model (wrong magic bytes; expected a file written by bclib.export): "
+                         "a checkpoint (.pt) loads with bclib.train.load_checkpoint, an ONNX file with onnxruntime")
     start = HEADER.size + LENGTHS.size
     if len(data) < start:
-        raise ValueError(f"truncated bclib compressed model: {len(data)} bytes, shorter than the {start}-byte header")
+        raise ValueError(f"truncated bclib compressed model: {len(data)} bytes, shorter than the {start}-byte header; {_FIX}")
     _, version, crc = HEADER.unpack_from(data)
     if version > FORMAT_VERSION:
         raise ValueError(f"written by format version {version}, this loader reads {FORMAT_VERSION}: update bclib")
     if version != FORMAT_VERSION:
-        raise ValueError(f"unknown format version {version} (this loader reads {FORMAT_VERSION}): file altered or corrupt")
+        raise ValueError(f"unknown format version {version} (this loader reads {FORMAT_VERSION}): file altered or corrupt; {_FIX}")
     spec_len, payload_len = LENGTHS.unpack_from(data, HEADER.size)
     end = start + spec_len + payload_len
     if len(data) < end:
-        raise ValueError(f"truncated bclib compressed model (or damaged header): {len(data)} bytes, header announces {end}")
+        raise ValueError(f"truncated bclib compressed model (or damaged header): {len(data)} bytes, header announces {end}; {_FIX}")
     if len(data) > end:
-        raise ValueError(f"file altered or corrupt: {len(data) - end} bytes after the end that the header announces")
+        raise ValueError(f"file altered or corrupt: {len(data) - end} bytes after the end that the header announces; {_FIX}")
     if zlib.crc32(data[HEADER.size :]) != crc:
-        raise ValueError("file altered or corrupt: CRC-32 mismatch")
+        raise ValueError(f"file altered or corrupt: CRC-32 mismatch; {_FIX}")
     try:
         spec = json.loads(data[start : start + spec_len].decode("utf-8"))
     except ValueError as err:
-        raise ValueError(f"malformed bclib compressed model: unreadable spec ({err})") from err
+        raise ValueError(f"malformed bclib compressed model: unreadable spec ({err}); {_FIX}") from err
     return spec, data[start + spec_len :]
 
 
@@ -118,7 +126,7 @@ class _Reader:
 
     def take(self, n: int) -> bytes:
         if n < 0 or self.offset + n > len(self.payload):
-            raise ValueError("file altered or corrupt: the payload is shorter than its spec says")
+            raise ValueError(f"file altered or corrupt: the payload is shorter than its spec says; {_FIX}")
         chunk = self.payload[self.offset : self.offset + n]
         self.offset += n
         return chunk
@@ -126,7 +134,7 @@ class _Reader:
 
 def _checked_int(v: Any, key: str) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or not -(2**31) <= v < 2**31:
-        raise ValueError(f"malformed bclib compressed model: {key}={v!r} is not a 32-bit integer")
+        raise ValueError(f"malformed bclib compressed model: {key}={v!r} is not a 32-bit integer; {_FIX}")
     return v
 
 
@@ -164,7 +172,7 @@ def _build(layer: dict, reader: _Reader) -> nn.Module:
         mask = np.unpackbits(np.frombuffer(reader.take(math.ceil(n / 8)), np.uint8), count=n)
         index = np.flatnonzero(mask)
         if len(index) != kept:
-            raise ValueError(f"file altered or corrupt: select mask keeps {len(index)} features, spec says {kept}")
+            raise ValueError(f"file altered or corrupt: select mask keeps {len(index)} features, spec says {kept}; {_FIX}")
         module = SelectFeatures(torch.from_numpy(index.astype(np.int64)))
     else:
         raise ValueError(f"unknown layer type {kind!r} in a format-version-{FORMAT_VERSION} file: update bclib")
@@ -178,7 +186,7 @@ def _load_weights(module: nn.Module, layer: dict, reader: _Reader) -> None:
     e_max, count = _int(layer, "e_max"), _int(layer, "count")
     if count != module.weight.numel():
         shape = tuple(module.weight.shape)
-        raise ValueError(f"malformed bclib compressed model: count {count} for a weight of shape {shape}")
+        raise ValueError(f"malformed bclib compressed model: count {count} for a weight of shape {shape}; {_FIX}")
     if not (0 <= sig_bits <= MAX_SIGNIFICAND_BITS and (1 if count else 0) <= exp_bits <= MAX_EXPONENT_BITS):
         raise ValueError(
             f"bit widths out of range: exponent {exp_bits} (1..{MAX_EXPONENT_BITS}), "

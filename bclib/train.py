@@ -4,8 +4,8 @@ from __future__ import annotations
 import math
 import numbers
 import pickle
+import re
 import time
-import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -44,17 +44,41 @@ def elbo_loss(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Accuracy (0-1) of ``model`` in eval mode (posterior means for group layers)."""
+    """Accuracy (0-1) of ``model`` in eval mode (posterior means for group layers).
+
+    ``batches`` yields ``(x, y)`` pairs, ``y`` the class indices ``(N,)``; no examples at all
+    is a ``ValueError`` (an accuracy of 0 would pass for a result).
+    """
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    first = next(iter(model.parameters()), None)
+    device = None if first is None else first.device
     correct = total = 0
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        correct += (model(x).argmax(1) == y).sum().item()
-        total += len(y)
-    model.train(was_training)
-    return correct / max(total, 1)
+    try:
+        for batch in batches:
+            x, y = _evaluation_batch(batch, device)
+            correct += (model(x).argmax(1) == y).sum().item()
+            total += len(y)
+    finally:
+        model.train(was_training)
+    if total == 0:
+        raise ValueError("evaluate got no examples: the batches were empty; pass a non-empty iterable of "
+                         "(x, y) batches (e.g. TensorBatches(x, y, 1000))")  # fmt: skip
+    return correct / total
+
+
+def _evaluation_batch(batch: Any, device: Optional[torch.device]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ``(x, y)`` of :func:`evaluate`, on ``device`` (None: where it is), checked."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and all(isinstance(t, torch.Tensor) for t in batch)):
+        raise TypeError(f"evaluate needs an iterable of (x, y) pairs of tensors, got an item of type "
+                        f"{type(batch).__name__}: pass e.g. TensorBatches(x, y) or [(x, y)], not (x, y)")  # fmt: skip
+    x, y = batch if device is None else (t.to(device) for t in batch)
+    if y.dim() != 1:
+        raise ValueError(f"evaluate needs labels as class indices of shape (N,), got shape {tuple(y.shape)} "
+                         "(for one-hot labels pass y.argmax(1))")  # fmt: skip
+    if len(x) != len(y):
+        raise ValueError(f"a batch has {len(x)} inputs but {len(y)} labels: give one label per input")
+    return x, y
 
 
 @torch.no_grad()
@@ -394,17 +418,75 @@ def atomic_save(obj: Any, path: Path | str) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+class CheckpointError(ValueError):
+    """A file given as a checkpoint is not one that loads: damaged, or another kind of file.
+
+    The message names the file, what it holds instead and what to do.
+    """
+
+
+_TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; the legacy format's pickle
+_COMPRESSED_MAGIC = b"BCLB"  # bclib.load_compressed.MAGIC
+# Types that torch.load(weights_only=True) reads back in checkpoint metadata (with dicts, lists, tuples).
+_META_TYPES = (type(None), bool, int, float, str)
+
+
 def _torch_load(path: Path | str) -> Any:
+    """``torch.load(path, weights_only=True)`` onto the CPU; a file that is not a readable torch
+    file is a :class:`CheckpointError` that says what it is instead."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory: give the path of a checkpoint file, e.g. {path / 'model.pt'}")
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise FileNotFoundError(f"no checkpoint at {path}: check the path (save_checkpoint and train(state_path=...) write them)")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head:
+        raise CheckpointError(f"{path} is empty (0 bytes: an interrupted copy?): delete it, and save it again or restore it from a copy")
+    if head.startswith(_COMPRESSED_MAGIC):
+        raise CheckpointError(f"{path} is a bit-packed compressed model (bclib.export.export_compressed), not a checkpoint: "
+                              "read it with bclib.load_compressed.load_compressed(path)")  # fmt: skip
+    if not head.startswith(_TORCH_FILE_STARTS):
+        raise CheckpointError(f"{path} is not a torch file (it starts with {head!r}, not a zip archive or a pickle): "
+                              "give a file written by save_checkpoint or train(state_path=...)")  # fmt: skip
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
-        raise ValueError(
-            f"{path} is not a readable checkpoint (truncated or corrupt: {err}). "
-            "Delete it and train again, or restore it from git."
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if found is None:
+            raise _corrupt(path, err) from err
+        if found.group(1).startswith("torch.fx."):
+            raise CheckpointError(
+                f"{path} holds a pruned network (a torch.fx.GraphModule from bclib.compression.prune, saved with "
+                "torch.save), not a checkpoint: load it with torch.load(path, weights_only=False), only from a "
+                "source you trust (it runs pickled code); it runs without bclib"
+            ) from err
+        raise CheckpointError(
+            f"{path} holds a pickled Python object ({found.group(1)}), not a checkpoint of tensors: load it with "
+            "torch.load(path, weights_only=False) if you trust its source, or save the model with save_checkpoint"
         ) from err
+    except Exception as err:  # a damaged file fails anywhere in torch's reader, with any error type
+        raise _corrupt(path, err) from err
+
+
+def _corrupt(path: Path, err: Exception) -> CheckpointError:
+    return CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt: {type(err).__name__}: "
+                           f"{str(err)[:300]}). Delete it and train again, or restore it from a copy")  # fmt: skip
+
+
+def _check_meta(value: Any, where: str) -> None:
+    """Metadata that ``torch.load(weights_only=True)`` reads back: else a ``TypeError`` naming the entry."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_meta(k, f"a key of {where}")
+            _check_meta(v, f"{where}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_meta(v, f"{where}[{i}]")
+    elif type(value) not in _META_TYPES and not isinstance(value, torch.Tensor):
+        raise TypeError(f"{where} is a {type(value).__module__}.{type(value).__name__}: checkpoint metadata must be "
+                        "numbers, strings, lists, dicts or tensors (a checkpoint loads with weights_only=True); "
+                        "convert it, e.g. float(v) or str(v)")  # fmt: skip
 
 
 def save_checkpoint(
@@ -414,13 +496,20 @@ def save_checkpoint(
 
     ``half=True`` stores the weights' parameters as float16 (half the size; they load back as
     float32). The few per-group scale parameters stay float32: the horseshoe's log-scales
-    sit near +-2 log(tau0), where float16 is too coarse.
+    sit near +-2 log(tau0), where float16 is too coarse. A model in ``DataParallel`` or
+    ``DistributedDataParallel`` is saved unwrapped. ``meta`` holds numbers, strings, lists,
+    dicts and tensors (what ``load_checkpoint`` reads back).
     """
 
     def stored(name: str, v: torch.Tensor) -> torch.Tensor:
         v = v.detach().cpu()
         return v.half() if half and ".scale." not in name else v.float()
 
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory: give a file path for the checkpoint, e.g. {path / f'{arch}.pt'}")
+    model = unwrap(model)
+    _check_meta(meta, "meta")
     expected = set(build(arch, prior).state_dict())  # build raises for an unknown architecture
     if set(model.state_dict()) != expected:
         raise ValueError(f"the model is not {arch} with prior {prior!r} (its parameters differ from "
@@ -430,18 +519,69 @@ def save_checkpoint(
     atomic_save(state, path)
 
 
-def load_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild and load a model saved by :func:`save_checkpoint` onto ``device``; returns ``(model, meta)``."""
-    state = _torch_load(path)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a bclib checkpoint (expected format {CHECKPOINT_FORMAT!r})")
-    model = build(state["arch"], state["prior"])
+def _device(device: Any) -> torch.device:
+    """``device`` as a ``torch.device`` that exists here."""
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise TypeError(f"device {device!r} must be a str or a torch.device, e.g. 'cpu', 'cuda:0' or torch.device('cuda')")
     try:
-        model.load_state_dict({k: v.float() for k, v in state["state_dict"].items()})
+        dev = torch.device(device)
     except RuntimeError as err:
-        raise ValueError(
-            f"{path} does not match {state['arch']} with prior {state['prior']!r}: {err}. "
+        raise ValueError(f"device {device!r} is not a torch device: use 'cpu', 'cuda', 'cuda:1', 'mps' or 'meta'") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"CUDA is not available on this machine (device {device!r}): load with device='cpu'")
+    return dev
+
+
+def _checkpoint_fields(path: Path | str, state: Any) -> tuple[str, Optional[str], dict[str, torch.Tensor], dict[str, Any]]:
+    """``(arch, prior, state_dict, meta)`` of a loaded checkpoint, or a :class:`CheckpointError` saying what the file is."""
+    again = "save it again with save_checkpoint(path, model, arch, prior)"
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a bclib checkpoint: it holds a {type(state).__name__}, not the dict "
+                              f"that save_checkpoint writes; {again}")  # fmt: skip
+    if state.get("format") != CHECKPOINT_FORMAT:
+        if {"model", "optimizer"} <= set(state):
+            raise CheckpointError(f"{path} is a training state written by train(state_path=...), not a checkpoint: "
+                                  "resume training with train(..., state_path=path), or save the trained model "
+                                  "with save_checkpoint(path, model, arch, prior)")  # fmt: skip
+        if state and all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{path} holds a bare state_dict (parameter names -> tensors), not a bclib checkpoint: "
+                                  "load it into its network with bclib.models.build(arch, prior).load_state_dict"
+                                  f"(torch.load(path)), or {again}")  # fmt: skip
+        raise CheckpointError(f"{path} is not a bclib checkpoint (expected format {CHECKPOINT_FORMAT!r}; it holds a "
+                              f"dict with keys {sorted(map(str, state))[:6]}): {again}")  # fmt: skip
+    for key in ("arch", "prior", "state_dict"):
+        if key not in state:
+            raise CheckpointError(f"{path} is a bclib checkpoint with no {key!r} entry (written by hand or damaged): {again}")
+    arch, prior, state_dict, meta = state["arch"], state["prior"], state["state_dict"], state.get("meta", {})
+    if not isinstance(arch, str) or not (prior is None or isinstance(prior, str)):
+        raise CheckpointError(f"{path} names arch {arch!r} and prior {prior!r}, not strings: {again}")
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise CheckpointError(f"{path}: its 'state_dict' is a {type(state_dict).__name__}, not a dict of tensors: {again}")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: its 'meta' is a {type(meta).__name__}, not a dict: {again}")
+    return arch, prior, state_dict, meta
+
+
+def load_checkpoint(path: Path | str, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild and load a model saved by :func:`save_checkpoint` onto ``device``; returns ``(model, meta)``.
+
+    Any file that is not such a checkpoint is a :class:`CheckpointError` saying what it holds
+    (a pruned network, a training state, a state_dict, a compressed model, damaged bytes, ...)
+    and how to load it.
+    """
+    device = _device(device)
+    arch, prior, state_dict, meta = _checkpoint_fields(path, _torch_load(path))
+    try:
+        model = build(arch, prior)
+    except ValueError as err:
+        raise CheckpointError(f"{path} names a model this bclib cannot build ({err}): save it again with "
+                              "save_checkpoint, from the code that defines it")  # fmt: skip
+    try:
+        model.load_state_dict({k: v.float() for k, v in state_dict.items()})
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"{path} does not match {arch} with prior {prior!r}: {err}. "
             "Was it saved from another model? Save it again with save_checkpoint."
         ) from err
     model.eval()
-    return model.to(device), dict(state["meta"], arch=state["arch"], prior=state["prior"])
+    return model.to(device), dict(meta, arch=arch, prior=prior)
