@@ -5,6 +5,10 @@ what was wrong (``problem``, a regular expression) and how to put it right (``fi
 are grouped by kind, one parametrised test per kind. Training arguments and non-finite
 training are catalogued in ``tests/test_train_guards.py``. A second part checks that no failing
 call loses or alters a file written before it, and that the loaders never delete what they read.
+
+Against bclib as of commit 0fa2667 (before these checks; the catalogue with ``ValueError`` in
+place of the error classes it did not have yet), 76 of the 127 cases failed: 20 silent (no
+error), 56 unclear (a raw error, or a message that names no fix).
 """
 from __future__ import annotations
 
