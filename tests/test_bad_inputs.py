@@ -86,26 +86,38 @@ def search(accuracy: Callable[[nn.Module], Any], **kw: Any) -> list[float]:
 
 # --- thresholds, masks and bit widths -------------------------------------------------------
 THRESHOLDS = [
-    Case("string-000", lambda p: compression.group_masks(mlp(), "000"), TypeError, "list of numbers", r"\[-3\.0\] \* 3"),
-    Case("single-float", lambda p: compression.prune(mlp(), -3.0), TypeError, "list of numbers", "one log-alpha value per group layer"),
+    Case("string-000", lambda p: compression.group_masks(mlp(), "000"),
+         TypeError, "list of numbers", r"\[-3\.0\] \* 3"),
+    Case("single-float", lambda p: compression.prune(mlp(), -3.0),
+         TypeError, "list of numbers", "one log-alpha value per group layer"),
     Case("strings", lambda p: compression.prune(mlp(), ["-3"] * 3), TypeError, "list of numbers", r"e\.g\. \[-3\.0\]"),
-    Case("none", lambda p: compression.prune(mlp(), None), TypeError, "list of numbers", "one log-alpha value per group layer"),
+    Case("none", lambda p: compression.prune(mlp(), None),
+         TypeError, "list of numbers", "one log-alpha value per group layer"),
     Case("bools", lambda p: compression.prune(mlp(), [True] * 3), TypeError, "list of numbers", "one log-alpha"),
-    Case("dict", lambda p: compression.prune(mlp(), {0: -3.0, 1: -3.0, 2: -3.0}), TypeError, "list of numbers", "one log-alpha"),
-    Case("nested-lists", lambda p: compression.prune(mlp(), [[-3.0]] * 3), TypeError, "list of numbers", "one log-alpha"),
-    Case("tensor-rows", lambda p: compression.prune(mlp(), torch.full((3, 2), -3.0)), TypeError, "list of numbers|one number each", "one log-alpha"),
-    Case("too-few", lambda p: compression.prune(mlp(), [-3.0] * 2), ValueError, "2 thresholds for 3 group layers", "one log-alpha threshold per layer"),
-    Case("too-many", lambda p: compression.compression_report(mlp(), [-3.0] * 4), ValueError, "4 thresholds for 3 group layers", "one log-alpha threshold per layer"),
-    Case("nan", lambda p: compression.group_masks(mlp(), [-3.0, float("nan"), -3.0]), ValueError, "nan", r"finite.*e\.g\. -3\.0"),
+    Case("dict", lambda p: compression.prune(mlp(), {0: -3.0, 1: -3.0, 2: -3.0}),
+         TypeError, "list of numbers", "one log-alpha"),
+    Case("nested-lists", lambda p: compression.prune(mlp(), [[-3.0]] * 3),
+         TypeError, "list of numbers", "one log-alpha"),
+    Case("tensor-rows", lambda p: compression.prune(mlp(), torch.full((3, 2), -3.0)),
+         TypeError, "list of numbers|one number each", "one log-alpha"),
+    Case("too-few", lambda p: compression.prune(mlp(), [-3.0] * 2),
+         ValueError, "2 thresholds for 3 group layers", "one log-alpha threshold per layer"),
+    Case("too-many", lambda p: compression.compression_report(mlp(), [-3.0] * 4),
+         ValueError, "4 thresholds for 3 group layers", "one log-alpha threshold per layer"),
+    Case("nan", lambda p: compression.group_masks(mlp(), [-3.0, float("nan"), -3.0]),
+         ValueError, "nan", r"finite.*e\.g\. -3\.0"),
     Case("inf", lambda p: compression.prune(mlp(), [float("inf")] * 3), ValueError, "inf", r"finite.*e\.g\. -3\.0"),
     Case("numpy-nan", lambda p: compression.prune(mlp(), np.array([-3.0, np.nan, -3.0])), ValueError, "nan", "finite"),
     Case("empties-a-layer", lambda p: compression.prune(mlp(), [-3.0, -1e9, -3.0]), compression.EmptyLayerError,
          "no (inputs|outputs)", "raise its threshold"),
-    Case("plain-model", lambda p: compression.prune(nn.Linear(3, 2), [-3.0]), TypeError, "no Bayesian group layers", "to_bayesian"),
+    Case("plain-model", lambda p: compression.prune(nn.Linear(3, 2), [-3.0]),
+         TypeError, "no Bayesian group layers", "to_bayesian"),
     Case("masks-too-few", lambda p: compression.apply_masks(mlp(), compression.group_masks(mlp(), [-3.0] * 3)[:2]),
          ValueError, "2 masks for 3 group layers", "group_masks"),
-    Case("masks-are-thresholds", lambda p: compression.apply_masks(mlp(), [-3.0] * 3), TypeError, "LayerMask", "group_masks"),
-    Case("bits-too-few", lambda p: compression.quantized(compression.prune(mlp(), [-3.0] * 3), [compression.LayerBits(3, 4)] * 2),
+    Case("masks-are-thresholds", lambda p: compression.apply_masks(mlp(), [-3.0] * 3),
+         TypeError, "LayerMask", "group_masks"),
+    Case("bits-too-few",
+         lambda p: compression.quantized(compression.prune(mlp(), [-3.0] * 3), [compression.LayerBits(3, 4)] * 2),
          ValueError, "2 bit widths for 3 layers", "compression_report"),
     Case("bits-are-ints", lambda p: compression.quantized(compression.prune(mlp(), [-3.0] * 3), [8] * 3), TypeError,
          "LayerBits", "compression_report"),
@@ -134,10 +146,14 @@ SEARCH = [
     Case("acc-negative", lambda p: search(lambda net: -0.1), ValueError, r"got -0\.1", "between 0 and 1"),
     Case("acc-string", lambda p: search(lambda net: "0.9"), ValueError, "got '0.9'", "a float"),
     Case("acc-vector", lambda p: search(lambda net: torch.tensor([0.9, 0.8])), ValueError, "tensor", "a float"),
-    Case("acc-not-callable", lambda p: search(batches()), TypeError, "accuracy_of must be a function", r"evaluate\(net,"),
-    Case("max-drop-nan", lambda p: search(lambda net: 0.5, max_drop=float("nan")), ValueError, "max_drop", r"between 0 and 1.*0\.003"),
-    Case("max-drop-negative", lambda p: search(lambda net: 0.5, max_drop=-0.01), ValueError, "max_drop", "between 0 and 1"),
-    Case("max-drop-percent", lambda p: search(lambda net: 0.5, max_drop=3.0), ValueError, "max_drop", r"0\.003 for 0\.3 points"),
+    Case("acc-not-callable", lambda p: search(batches()),
+         TypeError, "accuracy_of must be a function", r"evaluate\(net,"),
+    Case("max-drop-nan", lambda p: search(lambda net: 0.5, max_drop=float("nan")),
+         ValueError, "max_drop", r"between 0 and 1.*0\.003"),
+    Case("max-drop-negative", lambda p: search(lambda net: 0.5, max_drop=-0.01),
+         ValueError, "max_drop", "between 0 and 1"),
+    Case("max-drop-percent", lambda p: search(lambda net: 0.5, max_drop=3.0),
+         ValueError, "max_drop", r"0\.003 for 0\.3 points"),
     Case("candidates-1", lambda p: search(lambda net: 0.5, candidates=1), ValueError, "candidates", "at least 2"),
     Case("passes-0", lambda p: search(lambda net: 0.5, passes=0), ValueError, "passes", "at least 1"),
     Case("plain-model", lambda p: compression.search_thresholds(nn.Linear(3, 2), lambda n: 0.5), TypeError,
@@ -145,7 +161,8 @@ SEARCH = [
     Case("evaluate-empty", lambda p: train.evaluate(mlp(), []), ValueError, "no examples", "non-empty"),
     Case("evaluate-empty-batches", lambda p: train.evaluate(mlp(), [(torch.zeros(0, 16), torch.zeros(0, dtype=torch.long))]),
          ValueError, "no examples", "non-empty"),
-    Case("evaluate-one-pair", lambda p: train.evaluate(mlp(), batches()[0]), TypeError, r"\(x, y\) pairs", r"\[\(x, y\)\]"),
+    Case("evaluate-one-pair", lambda p: train.evaluate(mlp(), batches()[0]),
+         TypeError, r"\(x, y\) pairs", r"\[\(x, y\)\]"),
     Case("evaluate-label-count", lambda p: train.evaluate(mlp(), [(torch.randn(8, 16), torch.zeros(4, dtype=torch.long))]),
          ValueError, "8 inputs but 4 labels", "one label per input"),
     Case("evaluate-one-hot", lambda p: train.evaluate(mlp(), [(torch.randn(3, 16), torch.eye(3))]), ValueError,
@@ -187,36 +204,45 @@ class Nested(nn.Module):
 CONVERSION = [
     Case("conv-transpose", lambda p: models.to_bayesian(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ConvTranspose2d(2, 1, 3))),
          ConversionWarning, r"1\.? \(no group layer for ConvTranspose2d\)", "keep_plain|strict"),
-    Case("conv-transpose-strict", lambda p: models.to_bayesian(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ConvTranspose2d(2, 1, 3)), strict=True),
+    Case("conv-transpose-strict",
+         lambda p: models.to_bayesian(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ConvTranspose2d(2, 1, 3)), strict=True),
          ValueError, "ConvTranspose2d", r"keep_plain=\[\.\.\.\]"),
-    Case("nested-linear-subclass", lambda p: models.to_bayesian(Nested()), ConversionWarning, r"block\.0\.0 \(no group layer for MyLinear\)",
-         "keep_plain|strict"),
+    Case("nested-linear-subclass", lambda p: models.to_bayesian(Nested()),
+         ConversionWarning, r"block\.0\.0 \(no group layer for MyLinear\)", "keep_plain|strict"),
     Case("grouped-conv", lambda p: models.to_bayesian(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 2, 1))),
          ConversionWarning, "groups=2", "keep_plain|strict"),
     Case("no-convertible-layer", lambda p: models.to_bayesian(nn.Sequential(nn.ReLU(), nn.Flatten())), ValueError,
          "no layer to convert", r"nn\.Linear or nn\.Conv"),
-    Case("only-unknown-layers", lambda p: models.to_bayesian(nn.Sequential(nn.ConvTranspose2d(2, 1, 3)), strict=False), ValueError,
-         "no layer to convert.*ConvTranspose2d", r"nn\.Linear or nn\.Conv"),
+    Case("only-unknown-layers", lambda p: models.to_bayesian(nn.Sequential(nn.ConvTranspose2d(2, 1, 3)), strict=False),
+         ValueError, "no layer to convert.*ConvTranspose2d", r"nn\.Linear or nn\.Conv"),
     Case("everything-kept-plain", lambda p: models.to_bayesian(nn.Sequential(nn.Linear(2, 2)), keep_plain=["0"]), ValueError,
          "no layer to convert", "keep_plain"),
-    Case("prior-misspelt", lambda p: models.to_bayesian(nn.Linear(2, 2), prior="horseshoe"), ValueError, "unknown prior 'horseshoe'",
-         r"\['hs', 'nj'\]"),
-    Case("prior-upper-case", lambda p: models.to_bayesian(nn.Linear(2, 2), prior="NJ"), ValueError, "unknown prior 'NJ'", r"\['hs', 'nj'\]"),
-    Case("prior-none", lambda p: models.to_bayesian(nn.Linear(2, 2), prior=None), ValueError, "unknown prior None", r"\['hs', 'nj'\]"),
-    Case("build-prior-misspelt", lambda p: models.build("lenet_300_100", "gnj"), ValueError, "unknown prior 'gnj'", r"\['hs', 'nj'\]"),
-    Case("build-arch-misspelt", lambda p: models.build("lenet300", "nj"), ValueError, "unknown architecture 'lenet300'", "lenet_300_100"),
-    Case("not-a-module", lambda p: models.to_bayesian(nn.Linear(2, 2).state_dict()), TypeError, "needs an nn.Module, got OrderedDict",
-         "pass the network itself"),
-    Case("already-bayesian", lambda p: models.to_bayesian(mlp()), ValueError, "already has Bayesian group layers", "convert the plain network"),
+    Case("prior-misspelt", lambda p: models.to_bayesian(nn.Linear(2, 2), prior="horseshoe"),
+         ValueError, "unknown prior 'horseshoe'", r"\['hs', 'nj'\]"),
+    Case("prior-upper-case", lambda p: models.to_bayesian(nn.Linear(2, 2), prior="NJ"),
+         ValueError, "unknown prior 'NJ'", r"\['hs', 'nj'\]"),
+    Case("prior-none", lambda p: models.to_bayesian(nn.Linear(2, 2), prior=None),
+         ValueError, "unknown prior None", r"\['hs', 'nj'\]"),
+    Case("build-prior-misspelt", lambda p: models.build("lenet_300_100", "gnj"),
+         ValueError, "unknown prior 'gnj'", r"\['hs', 'nj'\]"),
+    Case("build-arch-misspelt", lambda p: models.build("lenet300", "nj"),
+         ValueError, "unknown architecture 'lenet300'", "lenet_300_100"),
+    Case("not-a-module", lambda p: models.to_bayesian(nn.Linear(2, 2).state_dict()),
+         TypeError, "needs an nn.Module, got OrderedDict", "pass the network itself"),
+    Case("already-bayesian", lambda p: models.to_bayesian(mlp()),
+         ValueError, "already has Bayesian group layers", "convert the plain network"),
     Case("keep-plain-unknown", lambda p: models.to_bayesian(nn.Sequential(nn.Linear(2, 2)), keep_plain=["fc"]), ValueError,
          r"\['fc'\] are not modules", "names look like"),
-    Case("tau0-zero", lambda p: models.to_bayesian(nn.Linear(2, 2), prior="hs", tau0=0.0), ValueError, "tau0 must be positive", "positive"),
-    Case("clip-var-negative", lambda p: models.to_bayesian(nn.Linear(2, 2), clip_var=-1.0), ValueError, "clip_var", "positive or None"),
-    Case("init-weight-list", lambda p: LinearGroup(2, 2, init_weight=[[1.0, 0.0], [0.0, 1.0]]), TypeError, "init_weight.*list",
-         "torch.Tensor or a numpy array"),
+    Case("tau0-zero", lambda p: models.to_bayesian(nn.Linear(2, 2), prior="hs", tau0=0.0),
+         ValueError, "tau0 must be positive", "positive"),
+    Case("clip-var-negative", lambda p: models.to_bayesian(nn.Linear(2, 2), clip_var=-1.0),
+         ValueError, "clip_var", "positive or None"),
+    Case("init-weight-list", lambda p: LinearGroup(2, 2, init_weight=[[1.0, 0.0], [0.0, 1.0]]),
+         TypeError, "init_weight.*list", "torch.Tensor or a numpy array"),
     Case("init-weight-shape", lambda p: LinearGroup(3, 2, init_weight=np.zeros((3, 2))), ValueError, r"shape \(3, 2\)",
          r"needs \(2, 3\)"),
-    Case("init-bias-shape", lambda p: ConvGroup(1, 2, 3, init_bias=torch.zeros(3)), ValueError, r"init_bias has shape \(3,\)", r"needs \(2,\)"),
+    Case("init-bias-shape", lambda p: ConvGroup(1, 2, 3, init_bias=torch.zeros(3)),
+         ValueError, r"init_bias has shape \(3,\)", r"needs \(2,\)"),
 ]
 
 
@@ -266,6 +292,15 @@ def load_damaged(tmp_path: Path, name: str, damage: Callable[[bytes], bytes], tr
     return data.load_mnist(train_split, root=fake_mnist(tmp_path, {name: damage}), download=False)
 
 
+def fake_cifar(root: Path) -> Path:
+    """CIFAR-10's seven files in ``root/cifar-10-batches-py``, each 10 bytes of garbage."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
+        (folder / name).write_bytes(b"x" * 10)
+    return root
+
+
 def garbage(b: bytes) -> bytes:
     return bytes(random.Random(1).randrange(256) for _ in range(len(b)))
 
@@ -273,8 +308,8 @@ def garbage(b: bytes) -> bytes:
 DATA = [
     Case("images-truncated", lambda p: load_damaged(p, "train-images-idx3-ubyte", lambda b: b[:3000]), data.DataFileError,
          r"train-images-idx3-ubyte.*truncated.*3000 bytes.*expected 4720", "delete it"),
-    Case("labels-truncated", lambda p: load_damaged(p, "t10k-labels-idx1-ubyte", lambda b: b[:10], False), data.DataFileError,
-         r"t10k-labels-idx1-ubyte.*truncated.*10 bytes.*expected 12", "delete it"),
+    Case("labels-truncated", lambda p: load_damaged(p, "t10k-labels-idx1-ubyte", lambda b: b[:10], False),
+         data.DataFileError, r"t10k-labels-idx1-ubyte.*truncated.*10 bytes.*expected 12", "delete it"),
     Case("images-garbage", lambda p: load_damaged(p, "train-images-idx3-ubyte", garbage), data.DataFileError,
          r"train-images-idx3-ubyte.*magic number.*expected 2051", r"delete it.*yann\.lecun|delete it.*download"),
     Case("labels-garbage", lambda p: load_damaged(p, "train-labels-idx1-ubyte", garbage), data.DataFileError,
@@ -287,15 +322,15 @@ DATA = [
          r"train-images-idx3-ubyte.*4820 bytes.*expected 4720", "delete it"),
     Case("image-size-not-28", lambda p: load_damaged(p, "t10k-images-idx3-ubyte", lambda b: idx_bytes(2051, (4, 32, 32)), False),
          data.DataFileError, r"t10k-images-idx3-ubyte.*32 x 32.*28 x 28", "delete it"),
-    Case("counts-differ", lambda p: load_damaged(p, "train-labels-idx1-ubyte", lambda b: idx_bytes(2049, (5,))), data.DataFileError,
-         r"6 images.*5 labels", "delete"),
+    Case("counts-differ", lambda p: load_damaged(p, "train-labels-idx1-ubyte", lambda b: idx_bytes(2049, (5,))),
+         data.DataFileError, r"6 images.*5 labels", "delete"),
     Case("file-missing-offline", lambda p: (fake_mnist(p), (p / "MNIST/raw/t10k-labels-idx1-ubyte").unlink(),
                                             data.load_mnist(False, root=p, download=False)),
          FileNotFoundError, r"MNIST/raw.*t10k-labels-idx1-ubyte", "download=True|put the four files"),
     Case("data-dir-missing", lambda p: data.load_mnist(True, root=p / "nowhere", download=False), FileNotFoundError,
          "nowhere.*does not exist", "BCLIB_DATA"),
-    Case("data-dir-is-a-file", lambda p: ((p / "f").write_text("x"), data.load_mnist(True, root=p / "f"))[1], NotADirectoryError,
-         "is a file, not a folder", "BCLIB_DATA"),
+    Case("data-dir-is-a-file", lambda p: ((p / "f").write_text("x"), data.load_mnist(True, root=p / "f"))[1],
+         NotADirectoryError, "is a file, not a folder", "BCLIB_DATA"),
     Case("limit-negative", lambda p: data.load_mnist(True, root=fake_mnist(p), download=False, limit=-2), ValueError,
          "limit=-2", "positive number of examples or None"),
     Case("limit-zero", lambda p: data.load_mnist(True, root=fake_mnist(p), download=False, limit=0), ValueError,
@@ -304,9 +339,8 @@ DATA = [
          "limit=2.5", "positive number of examples"),
     Case("cifar-missing", lambda p: data.load_cifar10(True, root=p, download=False), FileNotFoundError,
          "CIFAR-10 is missing", "cifar-10-python.tar.gz"),
-    Case("cifar-garbage", lambda p: ((p / "cifar-10-batches-py").mkdir(), [(p / "cifar-10-batches-py" / n).write_bytes(b"x" * 10)
-          for n in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch", "batches.meta")],
-          data.load_cifar10(True, root=p, download=False)), FileNotFoundError, "missing or corrupt", "delete|cifar-10-python.tar.gz"),
+    Case("cifar-garbage", lambda p: data.load_cifar10(True, root=fake_cifar(p), download=False), FileNotFoundError,
+         "missing or corrupt", "delete|cifar-10-python.tar.gz"),
     Case("cifar-dir-missing", lambda p: data.load_cifar10(False, root=p / "nowhere", download=False), FileNotFoundError,
          "nowhere.*does not exist", "BCLIB_DATA"),
 ]
@@ -365,9 +399,12 @@ def training_state(path: Path) -> Path:
 
 
 CHECKPOINTS = [
-    Case("missing", lambda p: train.load_checkpoint(p / "none.pt"), FileNotFoundError, "no checkpoint at .*none.pt", "check the path"),
-    Case("directory", lambda p: train.load_checkpoint(p), IsADirectoryError, "is a directory", r"checkpoint file.*\.pt"),
-    Case("empty", lambda p: ((p / "e.pt").write_bytes(b""), train.load_checkpoint(p / "e.pt")), train.CheckpointError, "empty", "save it again|delete it"),
+    Case("missing", lambda p: train.load_checkpoint(p / "none.pt"),
+         FileNotFoundError, "no checkpoint at .*none.pt", "check the path"),
+    Case("directory", lambda p: train.load_checkpoint(p),
+         IsADirectoryError, "is a directory", r"checkpoint file.*\.pt"),
+    Case("empty", lambda p: ((p / "e.pt").write_bytes(b""), train.load_checkpoint(p / "e.pt")),
+         train.CheckpointError, "empty", "save it again|delete it"),
     Case("truncated", lambda p: ((p / "t.pt").write_bytes(good_checkpoint(p / "g.pt").read_bytes()[:5000]),
                                  train.load_checkpoint(p / "t.pt")), train.CheckpointError, "truncated or corrupt", "delete it"),
     Case("text-file", lambda p: ((p / "t.pt").write_text('{"arch": "lenet_300_100"}'), train.load_checkpoint(p / "t.pt")),
@@ -380,8 +417,8 @@ CHECKPOINTS = [
          "bare state_dict", r"build\(arch, prior\)\.load_state_dict"),
     Case("training-state", lambda p: train.load_checkpoint(training_state(p / "state.pt")), train.CheckpointError,
          "training state", r"state_path=.*save_checkpoint"),
-    Case("other-dict", lambda p: train.load_checkpoint(saved(p / "o.pt", {"weights": torch.zeros(3)})), train.CheckpointError,
-         "not a bclib checkpoint", "save_checkpoint"),
+    Case("other-dict", lambda p: train.load_checkpoint(saved(p / "o.pt", {"weights": torch.zeros(3)})),
+         train.CheckpointError, "not a bclib checkpoint", "save_checkpoint"),
     Case("tensor", lambda p: train.load_checkpoint(saved(p / "o.pt", torch.zeros(3))), train.CheckpointError,
          "not a bclib checkpoint.*Tensor", "save_checkpoint"),
     Case("no-arch", lambda p: train.load_checkpoint(edited(p / "c.pt", arch=None)), train.CheckpointError,
@@ -392,15 +429,15 @@ CHECKPOINTS = [
          "unknown architecture 'lenet_9000'", "save it again with save_checkpoint|lenet_300_100"),
     Case("unknown-prior", lambda p: train.load_checkpoint(edited(p / "c.pt", prior="xx")), train.CheckpointError,
          "unknown prior 'xx'", "save it again with save_checkpoint"),
-    Case("state-dict-not-dict", lambda p: train.load_checkpoint(edited(p / "c.pt", state_dict=torch.zeros(2))), train.CheckpointError,
-         "state_dict", "save it again with save_checkpoint"),
+    Case("state-dict-not-dict", lambda p: train.load_checkpoint(edited(p / "c.pt", state_dict=torch.zeros(2))),
+         train.CheckpointError, "state_dict", "save it again with save_checkpoint"),
     Case("meta-not-dict", lambda p: train.load_checkpoint(edited(p / "c.pt", meta=[1, 2])), train.CheckpointError,
          "meta", "save it again with save_checkpoint"),
     Case("other-model", lambda p: train.load_checkpoint(edited(p / "c.pt", prior="hs")), train.CheckpointError,
          "does not match lenet_300_100 with prior 'hs'", "save it again with save_checkpoint"),
     Case("other-arch", lambda p: train.load_checkpoint(edited(p / "c.pt", arch="lenet5_caffe")), train.CheckpointError,
          "does not match lenet5_caffe", "save it again with save_checkpoint"),
-    Case("compressed-file", lambda p: (export.export_compressed(lenet(), [0.0] * 3, p / "m.bclb"), train.load_checkpoint(p / "m.bclb")),
+    Case("compressed-file", lambda p: train.load_checkpoint(compressed_file(p / "m.bclb")),
          train.CheckpointError, "bit-packed compressed model", r"load_compressed\("),
     Case("save-unknown-arch", lambda p: train.save_checkpoint(p / "c.pt", lenet(), "lenet300", "nj"), ValueError,
          "unknown architecture 'lenet300'", "lenet_300_100"),
@@ -482,6 +519,18 @@ def test_masks_and_loaded_models_move_to_the_device(tmp_path: Path) -> None:
     assert {t.device.type for t in loaded.state_dict().values()} == {"meta"}
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_checkpoint_masks_and_evaluate(tmp_path: Path) -> None:
+    """On a GPU: the loaded model, its masks and evaluate's batches (given on the CPU) all meet on CUDA."""
+    loaded, _ = train.load_checkpoint(good_checkpoint(tmp_path / "c.pt"), device="cuda")
+    assert {t.device.type for t in loaded.state_dict().values()} == {"cuda"}
+    compression.apply_masks(loaded, compression.group_masks(loaded, [0.0] * 3))
+    assert all(layer.weight_mask.is_cuda for layer in models.bayesian_layers(loaded))
+    x = torch.randn(8, 1, 28, 28)
+    y = loaded(x.cuda()).argmax(1).cpu()
+    assert train.evaluate(loaded, [(x, y)]) == 1.0
+
+
 # --- export: ONNX and the bit-packed file ------------------------------------------------------
 def compressed_file(path: Path) -> Path:
     export.export_compressed(lenet(), [0.0] * 3, path)
@@ -527,8 +576,8 @@ EXPORT = [
          "not ndarray", r"torch\.randn"),
     Case("onnx-scalar-input", lambda p: onnx(p, compression.prune(mlp(), [-3.0] * 3), torch.tensor(1.0)), ValueError,
          "scalar", "batch dimension first"),
-    Case("onnx-not-a-module", lambda p: export.export_onnx(lambda x: x, p / "m.onnx", X16), TypeError, "needs an nn.Module, got function",
-         "pass the network"),
+    Case("onnx-not-a-module", lambda p: export.export_onnx(lambda x: x, p / "m.onnx", X16),
+         TypeError, "needs an nn.Module, got function", "pass the network"),
     Case("onnx-no-folder", lambda p: export.export_onnx(compression.prune(mlp(), [-3.0] * 3), p / "no" / "m.onnx", X16),
          FileNotFoundError, "no directory", "create it first"),
     Case("onnx-path-is-dir", lambda p: export.export_onnx(compression.prune(mlp(), [-3.0] * 3), p, X16), IsADirectoryError,
@@ -541,15 +590,17 @@ EXPORT = [
          ValueError, "chain of layers", r"export_onnx"),
     Case("compressed-to-directory", lambda p: export.export_compressed(lenet(), [0.0] * 3, p), IsADirectoryError,
          "is a directory", "give a file path"),
-    Case("read-missing", lambda p: load_compressed(p / "none.bclb"), FileNotFoundError, "none.bclb", "export_compressed"),
+    Case("read-missing", lambda p: load_compressed(p / "none.bclb"),
+         FileNotFoundError, "none.bclb", "export_compressed"),
     Case("read-directory", lambda p: load_compressed(p), IsADirectoryError, "is a directory", "export_compressed"),
-    Case("read-checkpoint", lambda p: load_compressed(good_checkpoint(p / "c.pt")), ValueError, "not a bclib compressed model",
-         r"load_checkpoint"),
+    Case("read-checkpoint", lambda p: load_compressed(good_checkpoint(p / "c.pt")),
+         ValueError, "not a bclib compressed model", r"load_checkpoint"),
     Case("read-flipped-payload", lambda p: load_compressed(damaged(p / "m.bclb", flip(-100))), ValueError, "CRC-32 mismatch",
          "export it again"),
     Case("read-flipped-spec", lambda p: load_compressed(damaged(p / "m.bclb", flip(30))), ValueError, "CRC-32 mismatch",
          "export it again"),
-    Case("read-flipped-crc", lambda p: load_compressed(damaged(p / "m.bclb", flip(9))), ValueError, "CRC-32 mismatch", "export it again"),
+    Case("read-flipped-crc", lambda p: load_compressed(damaged(p / "m.bclb", flip(9))),
+         ValueError, "CRC-32 mismatch", "export it again"),
     Case("read-truncated", lambda p: load_compressed(damaged(p / "m.bclb", lambda b: b[: len(b) // 2])), ValueError,
          "truncated", "export it again"),
     Case("read-header-only", lambda p: load_compressed(damaged(p / "m.bclb", lambda b: b[:10])), ValueError,
