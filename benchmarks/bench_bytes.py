@@ -1,0 +1,193 @@
+"""Bytes of every shipped run, held against the KL: dense, bit-packed, lzma, entropy-coded.
+
+    BCLIB_DATA=../shared/data python benchmarks/bench_bytes.py [--results results] [--only lenet5_caffe-nj]
+
+For each shipped run (``results/<arch>-<prior>.json`` and ``.pt``) and each point of its
+error-compression trade-off (the thresholds of every budget; the headline is the last) it
+measures, for the network of ``quantized(prune(model, thresholds), bits)``:
+
+- the dense float32 net (weights and biases) and its weights alone;
+- the bit-packed file of ``bclib.export.export_compressed``, and lzma (xz, preset 9e; and the
+  raw LZMA2 stream without the xz container) over it: the general-purpose baseline;
+- the entropy-coded file of ``bclib.coded.export_coded`` (best model per layer) and, at the
+  headline, the files with one model forced on every layer, and the weights' code length
+  under the parametric models (quantized Laplace, Gaussian) that the format leaves out;
+- the bit count of ``compression_report`` (kept weights times their bits, weights only);
+- the KL of the kept posterior in bits (``bclib.coded.kept_kl``: normal-Jeffreys scales
+  counted with Sparse VD's constant, a group with ``alpha -> inf`` costing 0) and the
+  significand bits below the posterior's noise (``bclib.coded.bits_below_noise``);
+- the test error of the decoded file and of the quantized net (they must agree).
+
+It writes each run's headline file to ``results/<arch>-<prior>.bc``, all numbers to
+``results/bytes.json`` (atomically) and prints the tables. Time is not measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import lzma
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from bclib import coded, compression
+from bclib.atomic import atomic_write
+from bclib.config import results_dir
+from bclib.data import load_mnist
+from bclib.export import export_compressed
+from bclib.load_coded import WEIGHT_MODELS, load_coded
+from bclib.paper import PAPER
+from bclib.results import MNIST_RUNS, Run, load_runs, nearest_to_paper
+
+# Issue 16's goals: (bytes, test error %) per network; MIRACLE codes LeNet-5 in about 1.52 kB at 0.96 %.
+GOALS = {"lenet_300_100": (5000, 1.8), "lenet5_caffe": (1500, 1.0)}
+WEIGHTED = (nn.Linear, nn.Conv2d)
+
+
+def test_error(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.inference_mode():
+        pred = torch.cat([net(xb).argmax(1) for xb in x.split(1000)])
+    return 100.0 * (pred != y).float().mean().item()
+
+
+def lzma_sizes(data: bytes) -> dict[str, int]:
+    """lzma over ``data``: the xz file, and the raw LZMA2 stream (no container, no checksum)."""
+    raw = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
+    return {"xz": len(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)),
+            "lzma2_raw": len(lzma.compress(data, format=lzma.FORMAT_RAW, filters=raw))}  # fmt: skip
+
+
+def measure(run: Run, thresholds: list[float], tmp: Path, mnist: Optional[tuple[torch.Tensor, torch.Tensor]],
+            headline: bool) -> tuple[dict[str, Any], coded.Encoded]:  # fmt: skip
+    """Every size and code length of one point (one set of thresholds) of a run, and its coded file."""
+    model = run.model
+    report = compression.compression_report(model, thresholds)
+    pruned = compression.prune(model, thresholds)
+    quant = compression.quantized(pruned, report.bits)
+    dense = compression.dense(model)
+    packed = export_compressed(model, thresholds, tmp / "m.bclb")
+    enc = coded.export_coded(model, thresholds, tmp / "m.bc")
+    kl = coded.kept_kl(model, thresholds)
+    noise = coded.bits_below_noise(model, thresholds)
+    point: dict[str, Any] = {
+        "thresholds": thresholds,
+        "architecture": report.architecture,
+        "bits": [[b.exponent, b.significand] for b in report.bits],
+        "weights_kept": report.weights_kept,
+        "dense_bytes": 4 * sum(p.numel() for p in dense.parameters()),
+        "dense_weight_bytes": 4 * sum(m.weight.numel() for m in dense.modules() if isinstance(m, WEIGHTED)),
+        "bitpacked_bytes": packed,
+        "lzma_over_bitpacked": lzma_sizes((tmp / "m.bclb").read_bytes()),
+        "coded_bytes": enc.size,
+        "bitcount_bytes": sum(l.fixed_bits for l in enc.layers) / 8,
+        "kl_bytes": sum(k.total for k in kl) / 8,
+        "coded_parts_bits": {"weights": sum(l.weight_bits for l in enc.layers),
+                             "biases": sum(l.bias_bits for l in enc.layers), "masks": enc.mask_bits,
+                             "header_and_spec": 8 * (enc.size - enc.stream_bytes)},  # fmt: skip
+        "layers": [
+            {"name": l.name, "weights": l.weights, "bits": [l.bits.exponent, l.bits.significand], "model": l.model,
+             "fixed_bits": l.fixed_bits, "coded_weight_bits": l.weight_bits, "coded_bias_bits": l.bias_bits,
+             "kl_bits": {"z": k.z, "w": k.w, "b": k.b, "total": k.total}, "bits_below_noise": nz}
+            for l, k, nz in zip(enc.layers, kl, noise)
+        ],  # fmt: skip
+    }
+    if headline:
+        point["coded_bytes_by_model"] = {m: coded.encode_network(pruned, report.bits, m).size for m in WEIGHT_MODELS}
+        point["coded_bytes_by_model"]["best per layer"] = enc.size
+        point["weight_bits_by_model"] = {"best per layer": sum(l.weight_bits for l in enc.layers)}
+        for fam in ("laplace", "gaussian"):
+            point["weight_bits_by_model"][fam] = sum(
+                coded.parametric_bits(quant.get_submodule(n).weight, b, fam) for n, b in zip(pruned.bayesian_layer_names, report.bits)
+            )  # fmt: skip
+    if mnist is not None:
+        point["error_decoded"] = test_error(load_coded(tmp / "m.bc"), *mnist)
+        point["error_quantized"] = test_error(quant, *mnist)
+    return point, enc
+
+
+def measure_run(run: Run, tmp: Path, mnist: Optional[tuple[torch.Tensor, torch.Tensor]], out: Path) -> dict[str, Any]:
+    """All points of a run; writes its headline coded file to ``out/<run>.bc``."""
+    r = run.result
+    points = []
+    for p in r.get("tradeoff") or [r]:
+        headline = p["thresholds"] == r["thresholds"]
+        point, enc = measure(run, p["thresholds"], tmp, mnist, headline)
+        point.update(max_drop=p.get("max_drop", r["max_drop"]), headline=headline, error_recorded=p["error_compressed"])
+        points.append(point)
+        if headline:
+            atomic_write(out / f"{run.key}.bc", lambda f: f.write(enc.data))
+    nearest = nearest_to_paper(r)
+    goal_bytes, goal_error = GOALS[r["arch"]]
+    return {"arch": r["arch"], "prior": r["prior"], "paper_error": PAPER[(r["arch"], r["prior"])]["error"],
+            "nearest_to_paper_max_drop": nearest["max_drop"], "goal": {"bytes": goal_bytes, "error": goal_error},
+            "points": points}  # fmt: skip
+
+
+def table(runs: dict[str, dict[str, Any]]) -> str:
+    """Markdown: every point of every run, bytes beside the KL."""
+    out = ["| run | budget | error % (decoded / quantized) | dense | bit-packed | xz / raw lzma2 of bit-packed | "
+           "coded | bit count | KL | goal met |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for key, r in runs.items():
+        for p in r["points"]:
+            err = f"{p['error_decoded']:.2f} / {p['error_quantized']:.2f}" if "error_decoded" in p else "n/a"
+            lz = p["lzma_over_bitpacked"]
+            tags = ("headline" if p["headline"] else "") + (" nearest paper" if p["max_drop"] == r["nearest_to_paper_max_drop"] else "")
+            met = "error_decoded" in p and p["coded_bytes"] <= r["goal"]["bytes"] and p.get("error_decoded", 99) <= r["goal"]["error"]
+            out.append(f"| {key} | {100 * p['max_drop']:.1f}{' (' + tags.strip() + ')' if tags else ''} | {err} | "
+                       f"{p['dense_bytes']:,} | {p['bitpacked_bytes']:,} | {lz['xz']:,} / {lz['lzma2_raw']:,} | "
+                       f"**{p['coded_bytes']:,}** | {p['bitcount_bytes']:,.0f} | {p['kl_bytes']:,.0f} | "
+                       f"{'met' if met else 'missed'} |")  # fmt: skip
+    return "\n".join(out)
+
+
+def model_table(runs: dict[str, dict[str, Any]]) -> str:
+    """Markdown: at each headline, the file under each weight model and the weights' code length."""
+    out = ["| run | file bytes: uniform / symbol / factored / best per layer | weight bits: best / Laplace / Gaussian |",
+           "|---|---|---|"]  # fmt: skip
+    for key, r in runs.items():
+        p = next(p for p in r["points"] if p["headline"])
+        files = " / ".join(f"{v:,}" for v in p["coded_bytes_by_model"].values())
+        w = p["weight_bits_by_model"]
+        out.append(f"| {key} | {files} | {w['best per layer']:,.0f} / {w['laplace']:,.0f} / {w['gaussian']:,.0f} |")
+    return "\n".join(out)
+
+
+def mnist_test_set() -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    try:
+        return load_mnist(False, download=False)
+    except FileNotFoundError as err:
+        print(f"no MNIST test set, test errors skipped: {err}")
+        return None
+
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", type=Path, default=results_dir(), help="folder of the shipped runs (and of the output)")
+    ap.add_argument("--only", nargs="*", default=None, help="run keys, e.g. lenet5_caffe-nj (default: all)")
+    args = ap.parse_args(argv)
+    wanted = [(a, p) for a, p in MNIST_RUNS if args.only is None or f"{a}-{p}" in args.only]
+    found, missing = load_runs(wanted, args.results)
+    for m in missing:
+        print(m)
+    mnist = mnist_test_set()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {key: measure_run(run, Path(tmp), mnist, args.results) for key, run in found.items()}
+    out = args.results / "bytes.json"
+    if out.is_file() and args.only is not None:  # keep the runs not measured this time
+        runs = {**json.loads(out.read_text())["runs"], **runs}
+    settings = {"torch": torch.__version__, "command": "python benchmarks/bench_bytes.py"}
+    text = json.dumps({"settings": settings, "runs": runs}, indent=1)
+    atomic_write(out, lambda f: f.write(text.encode()))
+    print(table(runs))
+    print()
+    print(model_table(runs))
+    print(f"\nwrote {out} and the headline files {args.results}/<run>.bc")
+
+
+if __name__ == "__main__":
+    main()
