@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from bclib import compression, reproduce
+from bclib import baselines, compression, reproduce
 from bclib.config import data_dir, results_dir
 from bclib.data import TensorBatches, load_mnist
 from bclib.train import evaluate, load_checkpoint
@@ -45,3 +45,22 @@ def test_shipped_run_reproduces_its_errors(run, test_batches):
         assert report.rate_precision == pytest.approx(p["rate_precision"], rel=1e-6)
         quantized = reproduce.quantized(compression.prune(bayes, p["thresholds"]), report.bits)
         assert error(quantized) == pytest.approx(p["error_compressed"], abs=0.011)
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_shipped_baselines_reproduce(run, test_batches):
+    """The recorded baselines (bclib.baselines): fixed thresholds and the norm ranking, from the checkpoint."""
+    r = json.loads((results_dir() / f"{run}.json").read_text())
+    b = r["baselines"]
+    assert [p["max_drop"] for p in b["norm"]] == [p["max_drop"] for p in b["plain"]] == list(reproduce.BUDGETS)
+    bayes, _ = load_checkpoint(results_dir() / f"{run}.pt")
+    x = torch.zeros(1, 1, 28, 28)
+    fixed = {p["fixed_threshold"]: p for p in b["fixed"]}
+    want = fixed[-3.0]
+    got = baselines.point(bayes, want["thresholds"], test_batches, x)
+    assert got["rate_pruning"] == pytest.approx(want["rate_pruning"], rel=1e-6)
+    assert got["error_compressed"] == pytest.approx(want["error_compressed"], abs=0.011)
+    norm = b["norm"][-1]
+    got = baselines.point(baselines.ranked_by(bayes, baselines.neg_log_group_norm), norm["thresholds"], test_batches, x)
+    assert got["rate_precision"] == pytest.approx(norm["rate_precision"], rel=1e-6)
+    assert got["error_compressed"] == pytest.approx(norm["error_compressed"], abs=0.011)
