@@ -26,6 +26,7 @@ from . import compression
 from .compression import EmptyLayerError, quantized
 from .convert import bayesian_layers, to_bayesian
 from .layers import BayesianGroupLayer
+from .paper import PAPER, PRIOR_NAMES
 from .train import evaluate
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -132,3 +133,37 @@ def all_baselines(bayes: nn.Module, plain: nn.Module, budgets: Sequence[float], 
         "plain": [{k: p[k] for k in keep} for p in plain_points],
         "fixed": fixed(bayes, test, example_input),
     }
+
+
+METHODS = {  # key in a run's JSON -> what it is, for tables
+    "log_alpha": "log α, searched (the paper's statistic)",
+    "norm": "‖E[w]‖, searched (same posterior)",
+    "fixed": "log α, one fixed threshold",
+    "plain": "‖w‖ of the plain net, searched",
+}
+
+
+def nearest(points: Sequence[dict[str, Any]], error: float) -> dict[str, Any]:
+    """The point whose test error (after precision reduction, or after pruning where a point has
+    none) is nearest ``error``; ties go to the higher pruning rate."""
+    err = lambda p: p.get("error_compressed", p["error_pruned"])  # noqa: E731
+    return min(points, key=lambda p: (abs(err(p) - error), -p["rate_pruning"]))
+
+
+def table(results: Sequence[dict[str, Any]]) -> str:
+    """Markdown table: for each run (a reproduce JSON with ``baselines``) and each method of
+    :data:`METHODS`, the point nearest the paper's test error."""
+    rows = ["| network | prior | groups chosen by | setting | error % | pruning rate | precision rate |",
+            "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in results:
+        if "baselines" not in r:
+            raise ValueError(f"{r['arch']}-{r['prior']} has no baselines: run python -m bclib.reproduce --baselines")
+        target = PAPER[(r["arch"], r["prior"])]["error"]
+        for key, name in METHODS.items():
+            p = nearest(r["tradeoff"] if key == "log_alpha" else r["baselines"][key], target)
+            setting = f"t = {p['fixed_threshold']:g}" if key == "fixed" else f"budget {100 * p['max_drop']:.1f}"
+            precision = f"{p['rate_precision']:.0f}x" if "rate_precision" in p else "–"
+            err = p.get("error_compressed", p["error_pruned"])
+            rows.append(f"| {r['arch']} | {PRIOR_NAMES[r['prior']]} | {name} | {setting} | {err:.2f} | "
+                        f"{p['rate_pruning']:.1f}x | {precision} |")  # fmt: skip
+    return "\n".join(rows) + "\n"

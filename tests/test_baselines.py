@@ -84,3 +84,18 @@ def test_fixed_thresholds_skip_values_that_empty_a_layer():
     assert [p["fixed_threshold"] for p in points] == [la_max + 1]  # la_min - 1 keeps nothing
     assert points[0]["rate_pruning"] == pytest.approx(1.0)
     assert points[0]["error_pruned"] == pytest.approx(100 * (1 - evaluate(bayes, test)))
+
+
+def test_nearest_uses_the_error_after_precision_where_there_is_one():
+    points = [{"error_compressed": 1.3, "error_pruned": 1.0, "rate_pruning": 9.0},
+              {"error_compressed": 1.1, "error_pruned": 1.2, "rate_pruning": 5.0},
+              {"error_pruned": 1.05, "rate_pruning": 2.0}]  # fmt: skip
+    assert baselines.nearest(points, 1.0) is points[2]
+    assert baselines.nearest(points[:2], 1.0) is points[1]
+    tie = [{"error_pruned": 0.9, "rate_pruning": 3.0}, {"error_pruned": 1.1, "rate_pruning": 4.0}]
+    assert baselines.nearest(tie, 1.0) is tie[1]
+
+
+def test_table_names_the_missing_baselines():
+    with pytest.raises(ValueError, match="--baselines"):
+        baselines.table([{"arch": "lenet5_caffe", "prior": "nj", "tradeoff": []}])
