@@ -92,7 +92,7 @@ def test_nearest_uses_the_error_after_precision_where_there_is_one():
               {"error_pruned": 1.05, "rate_pruning": 2.0}]  # fmt: skip
     assert baselines.nearest(points, 1.0) is points[2]
     assert baselines.nearest(points[:2], 1.0) is points[1]
-    tie = [{"error_pruned": 0.9, "rate_pruning": 3.0}, {"error_pruned": 1.1, "rate_pruning": 4.0}]
+    tie = [{"error_pruned": 0.75, "rate_pruning": 3.0}, {"error_pruned": 1.25, "rate_pruning": 4.0}]
     assert baselines.nearest(tie, 1.0) is tie[1]
 
 
