@@ -185,11 +185,12 @@ def _bias_range(bias: torch.Tensor) -> tuple[int, int]:
 
 
 def _code_bias(bias: torch.Tensor, enc: _Encoder) -> float:
+    """Append float32 biases exactly: sign, exponent (adaptive over the layer's range), mantissa; returns their bits."""
     u = bias.detach().cpu().numpy().astype("<f4").view(np.uint32).astype(np.int64)
-    lo, _ = _bias_range(bias)
+    lo, hi = _bias_range(bias)
     exp = ((u >> 23) & 0xFF) - lo
-    return (enc.uniform(u >> 31, 1) + enc.adaptive(exp, np.zeros(len(u), np.int64), _bias_range(bias)[1] - lo + 1)
-            + enc.uniform(u & ((1 << 23) - 1), 23))  # fmt: skip
+    bits = enc.uniform(u >> 31, 1) + enc.adaptive(exp, np.zeros(len(u), np.int64), hi - lo + 1)
+    return bits + enc.uniform(u & ((1 << 23) - 1), 23)
 
 
 # --- the file -------------------------------------------------------------------------------
@@ -267,12 +268,16 @@ def _select(index: torch.Tensor, enc: _Encoder) -> tuple[bytes, float]:
     mask[index.cpu().numpy()] = 1
     if not np.array_equal(np.flatnonzero(mask), index.cpu().numpy()):
         raise ValueError("export_coded needs increasing, distinct feature indices, as prune builds")
-    ctx = {p: np.array([mask_context(mask, i, p) for i in range(n)], np.int64) for p in range(min(MAX_MASK_PERIOD, n) + 1)}
+    periods = range(min(MAX_MASK_PERIOD, n) + 1)
+    ctx = {p: np.array([mask_context(mask, i, p) for i in range(n)], np.int64) for p in periods}
     period = min(ctx, key=lambda p: adaptive_bits(mask, ctx[p], 2))
     return _varints(LAYER_TYPES.index("select"), n, index.numel(), period), enc.adaptive(mask, ctx[period], 2)
 
 
-def _weighted(m: nn.Module, bits: LayerBits, name: str, force: Optional[WeightModel], enc: _Encoder) -> tuple[bytes, LayerCode]:
+def _weighted(
+    m: nn.Module, bits: LayerBits, name: str, force: Optional[WeightModel], enc: _Encoder
+) -> tuple[bytes, LayerCode]:
+    """Spec and code of one Linear or Conv2d layer: its weights under ``force`` or the best model, then its bias."""
     if isinstance(m, nn.Linear):
         spec = _varints(LAYER_TYPES.index("linear"), m.in_features, m.out_features)
     elif isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str):
@@ -412,14 +417,18 @@ def _scale_kl(scale: nn.Module, keep: torch.Tensor) -> float:
     if isinstance(scale, NormalJeffreysScale):
         return kl_log_uniform(scale.log_alpha[keep]).sum().item()
     if isinstance(scale, HorseshoeScale):
-        s = kl_lognormal_gamma(scale.sa_mu, scale.sa_logvar, scale.tau0**2) + kl_lognormal_invgamma(scale.sb_mu, scale.sb_logvar)
-        local = kl_lognormal_gamma(scale.a_mu[keep], scale.a_logvar[keep], 1.0) + kl_lognormal_invgamma(scale.b_mu[keep], scale.b_logvar[keep])
+        s = kl_lognormal_gamma(scale.sa_mu, scale.sa_logvar, scale.tau0**2)
+        s = s + kl_lognormal_invgamma(scale.sb_mu, scale.sb_logvar)
+        local = kl_lognormal_gamma(scale.a_mu[keep], scale.a_logvar[keep], 1.0)
+        local = local + kl_lognormal_invgamma(scale.b_mu[keep], scale.b_logvar[keep])
         return (s.sum() + local.sum()).item()
     raise TypeError(f"kept_kl knows the scales NormalJeffreysScale and HorseshoeScale, not {type(scale).__name__}")
 
 
 @torch.no_grad()
-def kept_kl(bayes_model: nn.Module, thresholds: Sequence[float], masks: Optional[Sequence[LayerMask]] = None) -> list[LayerKL]:
+def kept_kl(
+    bayes_model: nn.Module, thresholds: Sequence[float], masks: Optional[Sequence[LayerMask]] = None
+) -> list[LayerKL]:
     """Per group layer, the KL of the kept groups, weights and biases from the prior, in bits (KL / ln 2).
 
     The normal-Jeffreys prior ``p(z) ∝ 1/|z|`` is improper: its KL is defined up to a
@@ -459,5 +468,8 @@ def bits_below_noise(bayes_model: nn.Module, thresholds: Sequence[float]) -> lis
     """Per group layer, :func:`noise_bits` of its kept weights at the posterior, with the report's bits."""
     masks = group_masks(bayes_model, thresholds)
     bits = compression_report(bayes_model, thresholds).bits
-    return [noise_bits(_kept(layer.posterior_weight_mean().cpu(), m), _kept(layer.posterior_weight_variance().cpu(), m).sqrt(), b)
-            for layer, m, b in zip(bayesian_layers(bayes_model), masks, bits)]  # fmt: skip
+    out = []
+    for layer, m, b in zip(bayesian_layers(bayes_model), masks, bits):
+        std = _kept(layer.posterior_weight_variance().cpu(), m).sqrt()
+        out.append(noise_bits(_kept(layer.posterior_weight_mean().cpu(), m), std, b))
+    return out

@@ -63,7 +63,9 @@ from torch import nn
 try:
     import constriction
 except ImportError as err:  # pragma: no cover - depends on the environment
-    raise ImportError("reading or writing entropy-coded files needs the range coder constriction: pip install 'constriction>=0.5,<0.6'") from err
+    raise ImportError(
+        "reading or writing entropy-coded files needs the range coder constriction: pip install 'constriction>=0.5,<0.6'"
+    ) from err
 
 MAGIC = b"BCLC"
 FORMAT_VERSION = 1
@@ -132,7 +134,9 @@ def load_coded(path: Union[str, PathLike]) -> nn.Sequential:
 def read_file(data: bytes) -> tuple[bytes, np.ndarray]:
     """Check magic, version, lengths and CRC-32; return the spec bytes and the stream's words."""
     if data[: len(MAGIC)] != MAGIC[: len(data)]:
-        raise CodedFormatError("not an entropy-coded bclib model (wrong magic bytes; expected a file written by bclib.coded)")
+        raise CodedFormatError(
+            "not an entropy-coded bclib model (wrong magic bytes; expected a file written by bclib.coded)"
+        )
     if len(data) < HEADER.size + 2:
         raise CodedFormatError(f"truncated entropy-coded bclib model: {len(data)} bytes, shorter than its header")
     _, version, crc = HEADER.unpack_from(data)
@@ -144,7 +148,9 @@ def read_file(data: bytes) -> tuple[bytes, np.ndarray]:
     n_words, pos = _varint(data, pos)
     end = pos + spec_len + 4 * n_words
     if len(data) < end:
-        raise CodedFormatError(f"truncated entropy-coded bclib model (or damaged header): {len(data)} bytes, header announces {end}")
+        raise CodedFormatError(
+            f"truncated entropy-coded bclib model (or damaged header): {len(data)} bytes, header announces {end}"
+        )
     if len(data) > end:
         raise CodedFormatError(f"file altered or corrupt: {len(data) - end} bytes after the end that the header announces")
     if zlib.crc32(data[HEADER.size :]) != crc:
@@ -189,7 +195,8 @@ class _Spec:
     def layers(self) -> list[dict]:
         layers = [self._layer() for _ in range(self.int(1 << 16))]
         if self.pos != len(self.data):
-            raise CodedFormatError(f"file altered or corrupt: {len(self.data) - self.pos} spec bytes after the last layer")
+            extra = len(self.data) - self.pos
+            raise CodedFormatError(f"file altered or corrupt: {extra} spec bytes after the last layer")
         return layers
 
     def _layer(self) -> dict:
@@ -202,7 +209,8 @@ class _Spec:
             layer["bias"] = bool(self.int(2))
             layer["E"], layer["S"] = self.int(MAX_EXPONENT_BITS + 1), self.int(MAX_SIGNIFICAND_BITS + 1)
             layer["e_max"] = self.signed()
-            layer["model"], layer["ctx"], layer["k"] = self.int(len(WEIGHT_MODELS)), self.int(2), self.int(layer["S"] + 1)
+            layer["model"], layer["ctx"] = self.int(len(WEIGHT_MODELS)), self.int(2)
+            layer["k"] = self.int(layer["S"] + 1)
             if layer["bias"]:
                 layer["bias_e"] = self.ints(2)
         elif kind == "maxpool2d":
@@ -326,14 +334,18 @@ def _build(layer: dict, stream: _Decoder) -> nn.Module:
     if kind == "relu":
         return nn.ReLU()
     if kind == "maxpool2d":
-        return nn.MaxPool2d(layer["kernel"], layer["stride"], layer["padding"], layer["dilation"], ceil_mode=layer["ceil_mode"])
+        return nn.MaxPool2d(
+            layer["kernel"], layer["stride"], layer["padding"], layer["dilation"], ceil_mode=layer["ceil_mode"]
+        )
     if kind == "flatten":
         return nn.Flatten(layer["start_dim"], layer["end_dim"])
     if kind == "select":
         mask = stream.mask(layer["length"], layer["period"])
         index = np.flatnonzero(mask)
         if len(index) != layer["kept"]:
-            raise CodedFormatError(f"file altered or corrupt: select mask keeps {len(index)} features, spec says {layer['kept']}")
+            raise CodedFormatError(
+                f"file altered or corrupt: select mask keeps {len(index)} features, spec says {layer['kept']}"
+            )
         return SelectFeatures(torch.from_numpy(index.astype(np.int64)))
     module: nn.Module
     if kind == "linear":

@@ -100,7 +100,8 @@ def measure(run: Run, thresholds: list[float], tmp: Path, mnist: Optional[tuple[
         point["weight_bits_by_model"] = {"best per layer": sum(l.weight_bits for l in enc.layers)}
         for fam in ("laplace", "gaussian"):
             point["weight_bits_by_model"][fam] = sum(
-                coded.parametric_bits(quant.get_submodule(n).weight, b, fam) for n, b in zip(pruned.bayesian_layer_names, report.bits)
+                coded.parametric_bits(quant.get_submodule(n).weight, b, fam)
+                for n, b in zip(pruned.bayesian_layer_names, report.bits)
             )  # fmt: skip
     if mnist is not None:
         point["error_decoded"] = test_error(load_coded(tmp / "m.bc"), *mnist)
@@ -134,8 +135,9 @@ def table(runs: dict[str, dict[str, Any]]) -> str:
         for p in r["points"]:
             err = f"{p['error_decoded']:.2f} / {p['error_quantized']:.2f}" if "error_decoded" in p else "n/a"
             lz = p["lzma_over_bitpacked"]
-            tags = ("headline" if p["headline"] else "") + (" nearest paper" if p["max_drop"] == r["nearest_to_paper_max_drop"] else "")
-            met = "error_decoded" in p and p["coded_bytes"] <= r["goal"]["bytes"] and p.get("error_decoded", 99) <= r["goal"]["error"]
+            near = p["max_drop"] == r["nearest_to_paper_max_drop"]
+            tags = ("headline" if p["headline"] else "") + (" nearest paper" if near else "")
+            met = "error_decoded" in p and p["coded_bytes"] <= r["goal"]["bytes"] and p["error_decoded"] <= r["goal"]["error"]
             out.append(f"| {key} | {100 * p['max_drop']:.1f}{' (' + tags.strip() + ')' if tags else ''} | {err} | "
                        f"{p['dense_bytes']:,} | {p['bitpacked_bytes']:,} | {lz['xz']:,} / {lz['lzma2_raw']:,} | "
                        f"**{p['coded_bytes']:,}** | {p['bitcount_bytes']:,.0f} | {p['kl_bytes']:,.0f} | "
@@ -166,7 +168,8 @@ def mnist_test_set() -> Optional[tuple[torch.Tensor, torch.Tensor]]:
 
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--results", type=Path, default=results_dir(), help="folder of the shipped runs (and of the output)")
+    ap.add_argument("--results", type=Path, default=results_dir(),
+                    help="folder of the shipped runs (and of the output)")  # fmt: skip
     ap.add_argument("--only", nargs="*", default=None, help="run keys, e.g. lenet5_caffe-nj (default: all)")
     args = ap.parse_args(argv)
     wanted = [(a, p) for a, p in MNIST_RUNS if args.only is None or f"{a}-{p}" in args.only]
