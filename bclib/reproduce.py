@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import baselines, compression, data, models
+from . import baselines, compression, data, distributed, models
 from .atomic import atomic_write
 from .compression import quantized
 from .config import default_device, fast_mode, seed_everything
@@ -75,7 +75,9 @@ def load_data(dataset: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
 def _split(arch: str, limit: int, batch_size: int, seed: int):
     """Training, held-out (the last ``VALIDATION`` training images) and test batches of ``arch``'s data set.
 
-    CIFAR-10's training batches are augmented (random 4-pixel shifts and mirroring).
+    CIFAR-10's training batches are augmented (random 4-pixel shifts and mirroring). Under
+    several processes each rank takes its shard of the training batches (the same seed on
+    every rank) and all of the held-out and test images (rank 0 compresses on them).
     """
     dataset = DATASETS[arch]
     x, y = load_data(dataset, True)
@@ -85,15 +87,17 @@ def _split(arch: str, limit: int, batch_size: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     train_b = data.TensorBatches(x[:-n_val], y[:-n_val], batch_size, shuffle=True, generator=g,
                                  augment=dataset == "cifar10")  # fmt: skip
-    val_b = data.TensorBatches(x[-n_val:], y[-n_val:], 1000)
+    val_b = data.TensorBatches(x[-n_val:], y[-n_val:], 1000, rank=0, world_size=1)
     xt, yt = load_data(dataset, False)
-    return train_b, val_b, data.TensorBatches(xt, yt, 1000)
+    return train_b, val_b, data.TensorBatches(xt, yt, 1000, rank=0, world_size=1)
 
 
 def _describe_device(device: torch.device) -> str:
+    world = distributed.world_size()
+    processes = f", {world} processes (DDP)" if world > 1 else ""
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+        return torch.cuda.get_device_name(device) + processes
+    return f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads){processes}"
 
 
 def _example_input(batches: data.TensorBatches) -> torch.Tensor:
@@ -121,16 +125,21 @@ def _compress_all(bayes: nn.Module, val_b, test_b, pruned_path: Path) -> dict[st
 
 
 def plain_net(arch: str, out: Path, s: dict[str, int], train_b, test_b, seed: int) -> nn.Module:
-    """The plain net both priors start from: ``out/<arch>-plain.pt``, trained (seeded, resumable) if missing."""
+    """The plain net both priors start from: ``out/<arch>-plain.pt``, trained (seeded, resumable) if missing.
+
+    Under several processes it trains in DDP and rank 0 writes the checkpoint while the others wait.
+    """
     device = train_b.x.device
     plain_path = out / f"{arch}-plain.pt"
     if plain_path.exists():
         return load_checkpoint(plain_path)[0].to(device)
     seed_everything(seed)
     plain = models.build(arch, None).to(device)
-    train(plain, train_b, s["pre_epochs"], lr_cooldown=s["pre_cooldown"],
+    train(distributed.wrap(plain), train_b, s["pre_epochs"], lr_cooldown=s["pre_cooldown"],
           state_path=out / "state" / f"{arch}-plain.state.pt")
-    save_checkpoint(plain_path, plain, arch, None, test_acc=evaluate(plain, test_b), seed=seed, epochs=s["pre_epochs"])
+    if distributed.is_main():
+        save_checkpoint(plain_path, plain, arch, None, test_acc=evaluate(plain, test_b), seed=seed, epochs=s["pre_epochs"])
+    distributed.barrier()
     return plain
 
 
@@ -140,6 +149,10 @@ def run(arch: str, prior: str, out: Path, fast: bool, seed: int = 1, batch_size:
 
     ``epochs`` overrides the Bayesian epochs of ``_settings``: with a training state from a
     shorter run in ``out/state`` (and no finished ``<arch>-<prior>.pt``), training goes on from it.
+    Under several processes (``torchrun``) the ranks train together in DDP on equal parts of
+    each batch of ``batch_size`` (which the number of processes must divide), each drawing its
+    own noise (seed + rank); rank 0 alone compresses and writes the files, the others wait for
+    its JSON and return it.
     """
     result_path = out / f"{arch}-{prior}.json"
     if result_path.exists():
@@ -150,7 +163,12 @@ def run(arch: str, prior: str, out: Path, fast: bool, seed: int = 1, batch_size:
             raise ValueError(f"--epochs must be at least 1, got {epochs}")
         s["epochs"] = epochs
     device = default_device()
-    train_b, val_b, test_b = _split(arch, s["train_limit"], batch_size, seed)
+    world = distributed.world_size()
+    if batch_size % world:
+        raise ValueError(f"the batch of {batch_size} examples does not split evenly over {world} processes: "
+                         "start a number of processes that divides it (torchrun --nproc_per_node)")
+    # each rank takes an equal part of the batch: the global batch stays batch_size, as for one process
+    train_b, val_b, test_b = _split(arch, s["train_limit"], batch_size // world, seed)
     train_b.to(device), val_b.to(device), test_b.to(device)
     n_train = len(train_b.x)
 
@@ -162,10 +180,17 @@ def run(arch: str, prior: str, out: Path, fast: bool, seed: int = 1, batch_size:
         seed_everything(seed)
         bayes = models.to_bayesian(plain.cpu(), prior).to(device)
         plain.to(device)
-        history = train(bayes, train_b, s["epochs"], n_data=n_train, kl_warmup=s["warmup"],
+        if distributed.world_size() > 1:
+            torch.manual_seed(seed + distributed.rank())  # the same net on every rank, noise of its own
+        history = train(distributed.wrap(bayes), train_b, s["epochs"], n_data=n_train, kl_warmup=s["warmup"],
                         lr_cooldown=s["cooldown"], test_batches=test_b,
                         state_path=out / "state" / f"{arch}-{prior}.state.pt")  # fmt: skip
-        save_checkpoint(bayes_path, bayes, arch, prior, half=True, seed=seed, history=history, settings=s)
+        if distributed.is_main():
+            save_checkpoint(bayes_path, bayes, arch, prior, half=True, seed=seed, history=history, settings=s)
+        distributed.barrier()
+    if not distributed.is_main():  # rank 0 compresses alone; the others wait for its results
+        distributed.barrier()
+        return json.loads(result_path.read_text())
     # Everything below reads the shipped (float16) checkpoint, so its numbers are the file's.
     bayes, meta = load_checkpoint(bayes_path)
     bayes = bayes.to(device)
@@ -185,6 +210,7 @@ def run(arch: str, prior: str, out: Path, fast: bool, seed: int = 1, batch_size:
         "torch": torch.__version__,
     }  # fmt: skip
     _atomic_json(result, result_path)
+    distributed.barrier()
     return result
 
 
@@ -228,6 +254,7 @@ def add_baselines(arch: str, prior: str, out: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command line; under ``torchrun`` (``WORLD_SIZE`` > 1) every rank runs it and trains in DDP."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fast", action="store_true", help="tiny end-to-end pass (also BCLIB_FAST=1)")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default results/, or results-fast/)")
@@ -250,7 +277,19 @@ def main(argv: list[str] | None = None) -> None:
         runs = [known[name] for name in args.only]
     fast = args.fast or fast_mode()
     out = args.out or Path("results-fast" if fast else "results")
+    if distributed.init_from_env() and (args.recompress or args.baselines):
+        distributed.close()
+        ap.error("--recompress and --baselines train nothing: run them as one process, without torchrun")
+    try:
+        _run_all(runs, out, fast, args)
+    finally:
+        distributed.close()
+
+
+def _run_all(runs: list[tuple[str, str]], out: Path, fast: bool, args: argparse.Namespace) -> None:
+    """Every run of ``runs`` into ``out``, then ``table.md``; rank 0 alone prints and writes the table."""
     (out / "state").mkdir(parents=True, exist_ok=True)
+    main_rank = distributed.is_main()
     results = []
     for arch, prior in runs:
         if args.recompress:
@@ -259,12 +298,15 @@ def main(argv: list[str] | None = None) -> None:
             r = add_baselines(arch, prior, out)
         else:
             r = run(arch, prior, out, fast, args.seed, epochs=args.epochs)
-        print(f"{arch}-{prior}: error {r['error_compressed']:.2f}%, x{r['rate_pruning']:.0f} pruning, "
-              f"x{r['rate_precision']:.0f} with precision", flush=True)  # fmt: skip
+        if main_rank:
+            print(f"{arch}-{prior}: error {r['error_compressed']:.2f}%, x{r['rate_pruning']:.0f} pruning, "
+                  f"x{r['rate_precision']:.0f} with precision", flush=True)  # fmt: skip
         results.append(r)
+    if not main_rank:
+        return
     all_results = [json.loads(p.read_text()) for p in sorted(out.glob("*-*.json"))]
     text = table(all_results) + "\nThe error-compression trade-off:\n\n" + tradeoff_table(all_results)
-    (out / "table.md").write_text(text)
+    atomic_write(out / "table.md", lambda f: f.write(text.encode()))
     print(text)
 
 
