@@ -218,10 +218,11 @@ def train(
             y = _checked_labels(y, logits, where)
             loss, ce, kl = elbo_loss(net, logits, y, n_data, beta, kl)
             values = torch.stack([loss, ce, kl]).detach().tolist()
-            if distributed.any_rank(not math.isfinite(values[0]), device):  # every rank stops, none steps
-                detail = f"the loss is {values[0]} (cross-entropy {values[1]}, KL {values[2]})" if not math.isfinite(values[0]) \
-                    else "the loss is not finite on another rank"  # fmt: skip
-                raise _non_finite(detail, epoch + 1, step, x, state_path, len(history))
+            finite = math.isfinite(values[0])
+            if distributed.any_rank(not finite, device):  # every rank stops, none steps
+                detail = "the loss is not finite on another rank" if finite else \
+                    f"the loss is {values[0]} (cross-entropy {values[1]}, KL {values[2]})"  # fmt: skip
+                raise _non_finite(detail, epoch + 1, step, None if finite else x, state_path, len(history))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -319,13 +320,17 @@ def _all_finite(params: list[torch.Tensor]) -> bool:
     return bool(torch.stack([p.detach().sum() for p in params]).isfinite().all())
 
 
-def _non_finite(detail: str, epoch: int, step: int, x: torch.Tensor, state_path: Optional[Path | str],
+def _non_finite(detail: str, epoch: int, step: int, x: Optional[torch.Tensor], state_path: Optional[Path | str],
                 saved: int) -> NonFiniteLossError:  # fmt: skip
-    """The error for a NaN or infinite loss or parameter: where, a likely cause, and what is on disk."""
-    bad = int((~torch.isfinite(x)).sum()) if x.is_floating_point() else 0
-    cause = (f"this batch's inputs hold {bad} NaN or infinite values: clean the data (drop or replace them, "
-             "e.g. torch.nan_to_num)" if bad else
-             "this batch's inputs are finite: lower the learning rate (lr) or lengthen the KL warm-up (kl_warmup)")  # fmt: skip
+    """The error for a NaN or infinite loss or parameter: where, a likely cause (from this rank's
+    inputs ``x``; None: another rank's loss, whose error names the cause), and what is on disk."""
+    bad = int((~torch.isfinite(x)).sum()) if x is not None and x.is_floating_point() else 0
+    if x is None:
+        cause = "the error of the rank that met it names the likely cause"
+    elif bad:
+        cause = f"this batch's inputs hold {bad} NaN or infinite values: clean the data (drop or replace them, e.g. torch.nan_to_num)"
+    else:
+        cause = "this batch's inputs are finite: lower the learning rate (lr) or lengthen the KL warm-up (kl_warmup)"
     if state_path is None:
         kept = "No training state is saved (state_path=None)."
     elif saved:

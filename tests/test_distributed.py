@@ -65,8 +65,17 @@ def _worker(rank: int, port: int, out: str) -> None:
             torch.manual_seed(seed)  # the second run resumes each rank's own saved random state instead
             train.train(distributed.wrap(resumed), _batches(BATCH), epochs, lr=LR,
                         state_path=Path(out) / "resume.state.pt", progress=False)  # fmt: skip
+        # A NaN that only one rank's shard holds stops both ranks at the same step (none hangs in backward).
+        x, y = _data()
+        x[7, 3] = float("nan")
+        poisoned = data.TensorBatches(x, y, BATCH, shuffle=True, generator=torch.Generator().manual_seed(5))
+        try:
+            train.train(distributed.wrap(_model()), poisoned, 1, lr=LR, progress=False)
+            stopped = None
+        except train.NonFiniteLossError as err:
+            stopped = [err.epoch, err.step, str(err)]
         torch.save({"net": net.state_dict(), "history": history, "straight": straight.state_dict(),
-                    "resumed": resumed.state_dict()}, Path(out) / f"rank{rank}.pt")  # fmt: skip
+                    "resumed": resumed.state_dict(), "stopped": stopped}, Path(out) / f"rank{rank}.pt")  # fmt: skip
     finally:
         distributed.close()
 
@@ -119,6 +128,11 @@ def test_two_gloo_processes_equal_one_process_over_the_global_batch(tmp_path):
         for name, p in r["straight"].items():
             assert torch.equal(r["resumed"][name], p), name
             assert torch.equal(ranks[0]["straight"][name], p), name
+    stops = [r["stopped"] for r in ranks]
+    assert all(stop is not None for stop in stops) and len({(e, s) for e, s, _ in stops}) == 1
+    messages = sorted(m for _, _, m in stops)
+    assert "the loss is nan" in messages[0] and "inputs hold 1 NaN" in messages[0]
+    assert "the loss is not finite on another rank; the error of the rank that met it names" in messages[1]
     state = torch.load(tmp_path / "resume.state.pt", weights_only=True)
     assert len(state["rank_rng"]) == WORLD and not torch.equal(state["rank_rng"][0]["rng"], state["rank_rng"][1]["rng"])
 
