@@ -44,8 +44,8 @@ def assert_bitwise(a: torch.Tensor, b: torch.Tensor) -> None:
     assert a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
-@pytest.mark.parametrize("arch,prior", [("lenet_300_100", "nj"), ("lenet5_caffe", "hs")])
-@pytest.mark.parametrize("model", [None, "uniform", "symbol", "factored"])
+@pytest.mark.parametrize("arch,prior,model", [("lenet_300_100", "nj", None)] + [
+    ("lenet5_caffe", "hs", m) for m in (None, "uniform", "symbol", "factored")])  # fmt: skip
 def test_round_trip_equals_the_quantized_net(tmp_path: Path, arch: str, prior: str, model: str) -> None:
     net, t = sparse(arch, prior)
     ref = quantized(prune(net, t), compression_report(net, t).bits)
