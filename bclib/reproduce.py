@@ -6,11 +6,12 @@ normal-Jeffreys, group horseshoe). The VGG-like net on CIFAR-10 runs only when a
 Each run trains a plain net (shared by both priors), starts the Bayesian net from it, trains
 it on the variational objective with a KL warm-up, chooses thresholds on held-out data,
 prunes, rounds to the chosen bit precision and evaluates, once for each accuracy budget of
-``BUDGETS`` (the last gives the headline numbers, all of them the error-compression
-trade-off). Every stage is resumable: finished stages are read back from ``--out`` and an
-interrupted training resumes at its last epoch; ``--recompress`` redoes only the compression
-of finished runs. Each run writes ``<arch>-<prior>.json``; ``table.md`` sets them beside the
-paper's figures.
+``BUDGETS`` (the JSON's top-level numbers are the last budget's; all of them make the
+error-compression trade-off), and records the baselines of :mod:`bclib.baselines`. Every stage
+is resumable: finished stages are read back from ``--out`` and an interrupted training resumes
+at its last epoch; ``--recompress`` redoes only the compression of finished runs,
+``--baselines`` only their baselines. Each run writes ``<arch>-<prior>.json``; ``table.md``
+sets them beside the paper's figures, headed by each run's point nearest the paper's error.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from .atomic import atomic_write
 from .compression import quantized
 from .config import default_device, fast_mode, seed_everything
 from .paper import PAPER, PRIOR_NAMES
-from .results import kept_groups as _kept_groups, table, tradeoff_table  # noqa: F401 (re-exported)
+from .results import kept_groups as _kept_groups, matched_table, table, tradeoff_table  # noqa: F401 (re-exported)
 from .train import atomic_save, evaluate, load_checkpoint, save_checkpoint, train
 
 DATASETS = {"lenet_300_100": "mnist", "lenet5_caffe": "mnist", "vgg_cifar10": "cifar10"}
@@ -305,7 +306,13 @@ def _run_all(runs: list[tuple[str, str]], out: Path, fast: bool, args: argparse.
     if not main_rank:
         return
     all_results = [json.loads(p.read_text()) for p in sorted(out.glob("*-*.json"))]
-    text = table(all_results) + "\nThe error-compression trade-off:\n\n" + tradeoff_table(all_results)
+    text = ("At the paper's error (the headline: each run's point nearest it):\n\n" + matched_table(all_results)
+            + "\nAt the largest budget, beside every row of the paper's table:\n\n" + table(all_results)
+            + "\nThe error-compression trade-off:\n\n" + tradeoff_table(all_results))  # fmt: skip
+    with_baselines = [r for r in all_results if "baselines" in r]
+    if with_baselines:
+        text += "\nBaselines (bclib.baselines), each method's point nearest the paper's error:\n\n"
+        text += baselines.table(with_baselines)
     atomic_write(out / "table.md", lambda f: f.write(text.encode()))
     print(text)
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from bclib import reproduce
+from bclib import baselines, reproduce
 from bclib.config import data_dir
 
 pytestmark = pytest.mark.skipif(
@@ -21,7 +21,10 @@ def test_fast_run_writes_results_and_resumes(tmp_path):
     assert r["tradeoff"][-1]["rate_precision"] == r["rate_precision"]
     assert all(p["rate_precision"] >= p["rate_pruning"] >= 1 for p in r["tradeoff"])
     table = (tmp_path / "table.md").read_text()
-    assert table.count("| lenet_300_100 | BC-GNJ |") == 1 + len(reproduce.BUDGETS)
+    # matched (headline) row; the paper-table row, one per budget, one per baseline method
+    assert table.startswith("At the paper's error") and table.count("| LeNet-300-100 | BC-GNJ |") == 1
+    assert table.count("| lenet_300_100 | BC-GNJ |") == 1 + len(reproduce.BUDGETS) + len(baselines.METHODS)
+    assert set(r["baselines"]) == {"error_plain", "norm", "plain", "fixed"}
 
     reproduce.main(["--fast", "--out", str(tmp_path), "--only", "lenet_300_100-nj", "--recompress"])
     again = json.loads((tmp_path / "lenet_300_100-nj.json").read_text())
