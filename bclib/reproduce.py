@@ -215,16 +215,21 @@ def run(arch: str, prior: str, out: Path, fast: bool, seed: int = 1, batch_size:
     return result
 
 
+def _finished(arch: str, prior: str, out: Path, option: str) -> tuple[Path, Path, dict[str, Any]]:
+    """The JSON path, checkpoint path and results of a finished run, for ``option`` (which needs one)."""
+    result_path, bayes_path = out / f"{arch}-{prior}.json", out / f"{arch}-{prior}.pt"
+    if not (result_path.is_file() and bayes_path.is_file()):
+        raise FileNotFoundError(f"no finished run {arch}-{prior} in {out} (need {result_path.name} and "
+                                f"{bayes_path.name}): run it first without {option}")  # fmt: skip
+    return result_path, bayes_path, json.loads(result_path.read_text())
+
+
 def recompress(arch: str, prior: str, out: Path) -> dict[str, Any]:
     """Redo the compression of a finished run from its checkpoint, keeping its training fields.
 
     For use after a change to ``BUDGETS`` or to the threshold search: no training is repeated.
     """
-    result_path, bayes_path = out / f"{arch}-{prior}.json", out / f"{arch}-{prior}.pt"
-    if not (result_path.is_file() and bayes_path.is_file()):
-        raise FileNotFoundError(f"no finished run {arch}-{prior} in {out} (need {result_path.name} and "
-                                f"{bayes_path.name}): run it first without --recompress")  # fmt: skip
-    result = json.loads(result_path.read_text())
+    result_path, bayes_path, result = _finished(arch, prior, out, "--recompress")
     device = default_device()
     _, val_b, test_b = _split(arch, result["train_limit"], 128, result["seed"])  # the training part is unused
     val_b.to(device), test_b.to(device)
@@ -239,11 +244,7 @@ def add_baselines(arch: str, prior: str, out: Path) -> dict[str, Any]:
 
     Needs the run's plain net ``out/<arch>-plain.pt``; trains it again (seeded) if it is missing.
     """
-    result_path, bayes_path = out / f"{arch}-{prior}.json", out / f"{arch}-{prior}.pt"
-    if not (result_path.is_file() and bayes_path.is_file()):
-        raise FileNotFoundError(f"no finished run {arch}-{prior} in {out} (need {result_path.name} and "
-                                f"{bayes_path.name}): run it first without --baselines")  # fmt: skip
-    result = json.loads(result_path.read_text())
+    result_path, bayes_path, result = _finished(arch, prior, out, "--baselines")
     device = default_device()
     train_b, val_b, test_b = _split(arch, result["train_limit"], 128, result["seed"])
     train_b.to(device), val_b.to(device), test_b.to(device)
