@@ -27,6 +27,7 @@ from .compression import EmptyLayerError, quantized
 from .convert import bayesian_layers, to_bayesian
 from .layers import BayesianGroupLayer
 from .paper import PAPER, PRIOR_NAMES
+from .results import NET_NAMES
 from .train import evaluate
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -151,19 +152,22 @@ def nearest(points: Sequence[dict[str, Any]], error: float) -> dict[str, Any]:
 
 
 def table(results: Sequence[dict[str, Any]]) -> str:
-    """Markdown table: for each run (a reproduce JSON with ``baselines``) and each method of
-    :data:`METHODS`, the point nearest the paper's test error."""
-    rows = ["| network | prior | groups chosen by | setting | error % | pruning rate | precision rate |",
-            "|---|---|---|---|---|---|---|"]  # fmt: skip
+    """Markdown table: one row per method of :data:`METHODS`, one column per run (a reproduce
+    JSON with ``baselines``); each cell is the method's point nearest the paper's test error:
+    error %, pruning rate, precision rate, and the budget or fixed threshold that gave it."""
     for r in results:
         if "baselines" not in r:
             raise ValueError(f"{r['arch']}-{r['prior']} has no baselines: run python -m bclib.reproduce --baselines")
-        target = PAPER[(r["arch"], r["prior"])]["error"]
-        for key, name in METHODS.items():
+    head = [f"{NET_NAMES[r['arch']]} {PRIOR_NAMES[r['prior']]}" for r in results]
+    rows = ["| groups chosen by | " + " | ".join(head) + " |", "|---|" + "---|" * len(results)]
+    for key, name in METHODS.items():
+        cells = []
+        for r in results:
+            target = PAPER[(r["arch"], r["prior"])]["error"]
             p = nearest(r["tradeoff"] if key == "log_alpha" else r["baselines"][key], target)
             setting = f"t = {p['fixed_threshold']:g}" if key == "fixed" else f"budget {100 * p['max_drop']:.1f}"
-            precision = f"{p['rate_precision']:.0f}x" if "rate_precision" in p else "–"
-            err = p.get("error_compressed", p["error_pruned"])
-            rows.append(f"| {r['arch']} | {PRIOR_NAMES[r['prior']]} | {name} | {setting} | {err:.2f} | "
-                        f"{p['rate_pruning']:.1f}x | {precision} |")  # fmt: skip
+            precision = f", {p['rate_precision']:.0f}x" if "rate_precision" in p else ""
+            cells.append(f"{p.get('error_compressed', p['error_pruned']):.2f} %, {p['rate_pruning']:.1f}x"
+                         f"{precision} ({setting})")  # fmt: skip
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"

@@ -21,9 +21,11 @@ def test_fast_run_writes_results_and_resumes(tmp_path):
     assert r["tradeoff"][-1]["rate_precision"] == r["rate_precision"]
     assert all(p["rate_precision"] >= p["rate_pruning"] >= 1 for p in r["tradeoff"])
     table = (tmp_path / "table.md").read_text()
-    # matched (headline) row; the paper-table row, one per budget, one per baseline method
+    # the matched (headline) row; the paper-table row and one per budget; a baselines column
     assert table.startswith("At the paper's error") and table.count("| LeNet-300-100 | BC-GNJ |") == 1
-    assert table.count("| lenet_300_100 | BC-GNJ |") == 1 + len(reproduce.BUDGETS) + len(baselines.METHODS)
+    assert table.count("| lenet_300_100 | BC-GNJ |") == 1 + len(reproduce.BUDGETS)
+    assert "| groups chosen by | LeNet-300-100 BC-GNJ |" in table
+    assert all(f"| {name} |" in table for name in baselines.METHODS.values())
     assert set(r["baselines"]) == {"error_plain", "norm", "plain", "fixed"}
 
     reproduce.main(["--fast", "--out", str(tmp_path), "--only", "lenet_300_100-nj", "--recompress"])
