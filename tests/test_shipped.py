@@ -6,6 +6,7 @@ import torch
 
 from bclib import baselines, compression, reproduce
 from bclib.config import data_dir, results_dir
+from bclib.results import load_run
 from bclib.data import TensorBatches, load_mnist
 from bclib.train import evaluate, load_checkpoint
 
@@ -64,3 +65,16 @@ def test_shipped_baselines_reproduce(run, test_batches):
     got = baselines.point(baselines.ranked_by(bayes, baselines.neg_log_group_norm), norm["thresholds"], test_batches, x)
     assert got["rate_precision"] == pytest.approx(norm["rate_precision"], rel=1e-6)
     assert got["error_compressed"] == pytest.approx(norm["error_compressed"], abs=0.011)
+
+
+SEEDS = sorted(results_dir().glob("seeds/seed*"))
+
+
+def test_seed_runs_are_shipped_and_agree_with_their_checkpoints():
+    """More seeds of LeNet-300-100 BC-GNJ (results/seeds/seedS, from reproduce --seed S): each
+    JSON's compression numbers at every budget are those its checkpoint gives."""
+    assert [p.name for p in SEEDS] == ["seed2", "seed3"]
+    for folder in SEEDS:
+        run = load_run("lenet_300_100", "nj", folder)  # checks JSON == checkpoint at every budget
+        assert run.result["seed"] == int(folder.name.removeprefix("seed"))
+        assert run.result["epochs"] == 250 and not run.result["fast"]
