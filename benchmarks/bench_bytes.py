@@ -36,11 +36,11 @@ from torch import nn
 from bclib import coded, compression
 from bclib.atomic import atomic_write
 from bclib.config import results_dir
-from bclib.data import load_mnist
 from bclib.export import export_compressed
 from bclib.load_coded import WEIGHT_MODELS, load_coded
 from bclib.paper import PAPER
 from bclib.results import MNIST_RUNS, Run, load_runs, nearest_to_paper
+from bench_inference import mnist_test_set  # the sibling script (python puts its folder on sys.path)
 
 # Issue 16's goals: (bytes, test error %) per network; MIRACLE codes LeNet-5 in about 1.52 kB at 0.96 %.
 GOALS = {"lenet_300_100": (5000, 1.8), "lenet5_caffe": (1500, 1.0)}
@@ -155,14 +155,6 @@ def model_table(runs: dict[str, dict[str, Any]]) -> str:
         w = p["weight_bits_by_model"]
         out.append(f"| {key} | {files} | {w['best per layer']:,.0f} / {w['laplace']:,.0f} / {w['gaussian']:,.0f} |")
     return "\n".join(out)
-
-
-def mnist_test_set() -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    try:
-        return load_mnist(False, download=False)
-    except FileNotFoundError as err:
-        print(f"no MNIST test set, test errors skipped: {err}")
-        return None
 
 
 
