@@ -106,23 +106,18 @@ def _example_input(batches: data.TensorBatches) -> torch.Tensor:
     return torch.zeros(1, *batches.x.shape[1:], device=batches.x.device)
 
 
-def _compress_one(bayes: nn.Module, max_drop: float, val_b, test_b) -> tuple[dict[str, Any], nn.Module]:
-    """Thresholds within ``max_drop`` on held-out data, then prune and round; returns (numbers, pruned net)."""
-    x = _example_input(val_b)
-    thresholds = compression.search_thresholds(bayes, lambda net: evaluate(net, val_b), max_drop=max_drop, example_input=x)
-    return baselines.point(bayes, thresholds, test_b, x, max_drop=max_drop), compression.prune(bayes, thresholds, x)
-
-
 def _compress_all(bayes: nn.Module, val_b, test_b, pruned_path: Path) -> dict[str, Any]:
-    """Compress under every budget: the headline (last budget) fields, the trade-off and the time.
+    """Compress under every budget (thresholds searched on held-out data, then pruned and
+    rounded): the headline (last budget) fields, the trade-off and the time.
 
     Saves the headline's pruned plain net to ``pruned_path``.
     """
     t0 = time.perf_counter()
-    tradeoff = [_compress_one(bayes, d, val_b, test_b) for d in BUDGETS]
-    headline, pruned = tradeoff[-1]
-    atomic_save(pruned.cpu(), pruned_path)
-    return {**headline, "tradeoff": [point for point, _ in tradeoff], "compress_seconds": time.perf_counter() - t0}
+    x = _example_input(val_b)
+    tradeoff = baselines.searched(bayes, BUDGETS, val_b, test_b, x)
+    headline = tradeoff[-1]
+    atomic_save(compression.prune(bayes, headline["thresholds"], x).cpu(), pruned_path)
+    return {**headline, "tradeoff": tradeoff, "compress_seconds": time.perf_counter() - t0}
 
 
 def plain_net(arch: str, out: Path, s: dict[str, int], train_b, test_b, seed: int) -> nn.Module:
