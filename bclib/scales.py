@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .kl import kl_log_uniform, kl_lognormal_gamma, kl_lognormal_invgamma
+from .kl import kl_lognormal_gamma, kl_lognormal_invgamma, kl_normal_jeffreys_sum
 
 _EPS = 1e-8
 
@@ -55,7 +55,7 @@ class NormalJeffreysScale(nn.Module):
         return self.z_logvar - torch.log(self.z_mu.pow(2) + _EPS)
 
     def kl_divergence(self) -> torch.Tensor:
-        return kl_log_uniform(self.log_alpha).sum()
+        return kl_normal_jeffreys_sum(self.z_mu, self.z_logvar, _EPS)
 
 
 class HorseshoeScale(nn.Module):

@@ -175,8 +175,8 @@ def train(
         One dict per epoch: loss, cross-entropy, KL (means over the epoch's steps of all ranks),
         KL weight, learning rate, seconds, test accuracy (mean over the ranks).
     Raises:
-        NonFiniteLossError: a loss or, after a step, a parameter is NaN or infinite; the state
-            file keeps the last finished epoch.
+        NonFiniteLossError: a loss is NaN or infinite, or a step made a parameter so (found at
+            the next loss or the epoch's end); the state file keeps the last finished epoch.
         ValueError, TypeError: bad arguments, batches or state file; the message names the fix.
 
     Several processes (e.g. ``torchrun``, see :mod:`bclib.distributed`): the negative ELBO per
@@ -211,6 +211,7 @@ def train(
         sums, n = [0.0, 0.0, 0.0], 0  # loss, CE, KL summed over this rank's steps
         t0 = time.perf_counter()
         bar = tqdm(train_batches, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not show)
+        last: Optional[tuple[int, torch.Tensor, float]] = None  # the last step, x and loss: see _check_parameters
         for step, batch in enumerate(bar, 1):
             where = f"epoch {epoch + 1}, step {step}"
             x, y = _batch(batch, device, dtype, where)
@@ -220,6 +221,8 @@ def train(
             values = torch.stack([loss, ce, kl]).detach().tolist()
             finite = math.isfinite(values[0])
             if distributed.any_rank(not finite, device):  # every rank stops, none steps
+                if last is not None:
+                    _check_parameters(net, params, last, epoch + 1, state_path, len(history))
                 detail = "the loss is not finite on another rank" if finite else \
                     f"the loss is {values[0]} (cross-entropy {values[1]}, KL {values[2]})"  # fmt: skip
                 raise _non_finite(detail, epoch + 1, step, None if finite else x, state_path, len(history))
@@ -228,15 +231,13 @@ def train(
             opt.step()
             for layer in layers:
                 layer.clip_variances()
-            if not _all_finite(params):  # DDP gives every rank the same gradients, so all stop here together
-                bad = [name for name, p in net.named_parameters() if not torch.isfinite(p).all()]
-                raise _non_finite(f"after the optimiser's step, the parameters {bad} hold NaN or infinite values "
-                                  f"(the loss was {values[0]})", epoch + 1, step, x, state_path, len(history))  # fmt: skip
+            last = (step, x, values[0])
             sums = [s + v for s, v in zip(sums, values)]
             n += 1
         if n == 0:
             raise ValueError(f"train_batches gave no batches in epoch {epoch + 1}: it is empty, or an iterator "
                              "spent by an earlier pass (pass a list, a TensorBatches or a DataLoader)")  # fmt: skip
+        _check_parameters(net, params, last, epoch + 1, state_path, len(history), at_end=True)  # before saving
         totals = distributed.sum_over_ranks(torch.tensor([*sums, n], dtype=torch.float64, device=device)).tolist()
         record = {k: v / totals[3] for k, v in zip(("loss", "ce", "kl"), totals)}
         record.update(epoch=epoch + 1, kl_weight=beta, lr=opt.param_groups[0]["lr"], seconds=time.perf_counter() - t0)
@@ -312,6 +313,23 @@ def _checked_labels(y: torch.Tensor, logits: torch.Tensor, where: str) -> torch.
         raise ValueError(f"{where}: labels must lie in [0, {classes - 1}] for the model's {classes} outputs, "
                          f"got labels from {low} to {high} (1-based labels? subtract 1; else give the model more outputs)")  # fmt: skip
     return y.long()
+
+
+def _check_parameters(net: nn.Module, params: list[torch.Tensor], last: tuple[int, torch.Tensor, float], epoch: int,
+                      state_path: Optional[Path | str], saved: int, at_end: bool = False) -> None:  # fmt: skip
+    """Raise if an optimiser's step made a parameter NaN or infinite; ``last`` is the last step, its inputs and loss.
+
+    Checked when a loss is not finite (a NaN parameter makes the next loss NaN, so the last
+    step did it) and at the end of each epoch (``at_end``: some step of the epoch did it),
+    before the state is saved, rather than after every step: one pass over all parameters
+    less per step. DDP gives every rank the same parameters, so all stop together.
+    """
+    if not _all_finite(params):
+        step, x, loss = last
+        bad = [name for name, p in net.named_parameters() if not torch.isfinite(p).all()]
+        when = "at the epoch's end" if at_end else "after the optimiser's step"
+        raise _non_finite(f"{when}, the parameters {bad} hold NaN or infinite values (the last loss was {loss})",
+                          epoch, step, x, state_path, saved)  # fmt: skip
 
 
 def _all_finite(params: list[torch.Tensor]) -> bool:

@@ -230,3 +230,15 @@ def test_fused_std_normal_kl_sum_matches_autograd():
     logvar = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(kl.kl_std_normal_sum, (mu, logvar))
     torch.testing.assert_close(kl.kl_std_normal_sum(mu, logvar), kl.kl_std_normal(mu, logvar).sum())
+
+
+def test_fused_normal_jeffreys_kl_sum_matches_autograd():
+    torch.manual_seed(0)
+    z_mu = torch.randn(40, dtype=torch.float64, requires_grad=True)
+    z_logvar = (torch.randn(40, dtype=torch.float64) * 4 - 3).requires_grad_()  # log alpha from about -15 to 10
+    assert torch.autograd.gradcheck(kl.kl_normal_jeffreys_sum, (z_mu, z_logvar))
+    fused = kl.kl_normal_jeffreys_sum(z_mu, z_logvar)
+    composed = kl.kl_log_uniform(z_logvar - torch.log(z_mu.pow(2) + 1e-8)).sum()  # autograd's oracle
+    torch.testing.assert_close(fused, composed)
+    for a, b in zip(torch.autograd.grad(fused, (z_mu, z_logvar)), torch.autograd.grad(composed, (z_mu, z_logvar))):
+        torch.testing.assert_close(a, b)

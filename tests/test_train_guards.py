@@ -69,8 +69,26 @@ class _SqrtNet(nn.Module):
 
 def test_non_finite_parameters_after_a_step_stop_training(tmp_path):
     x, y = _data()
-    with pytest.raises(train.NonFiniteLossError, match=r"epoch 1, step 1: after the optimiser's step, the parameters \['p'\]"):
+    with pytest.raises(train.NonFiniteLossError, match=r"epoch 1, step 1: at the epoch's end, the parameters \['p'\]"):
         _fit(_SqrtNet(), [(x, y)], 2, state_path=tmp_path / "s.pt")
+    assert not (tmp_path / "s.pt").exists()
+
+
+class _HiddenNaNNet(_SqrtNet):
+    """Like _SqrtNet, but ``p`` never reaches the loss once NaN: only the end-of-epoch check can find it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = torch.where(torch.isfinite(self.p), self.p, torch.zeros(()))
+        return self.fc(x) + 0 * torch.sqrt(p)
+
+
+@pytest.mark.parametrize("net_cls, where", [(_SqrtNet, "step 1: after the optimiser's step"),
+                                             (_HiddenNaNNet, "step 6: at the epoch's end")])  # fmt: skip
+def test_a_parameter_made_nan_mid_epoch_stops_training(tmp_path, net_cls, where):
+    x, y = _data()
+    batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 48, 8)]  # 6 steps; step 1 makes p NaN
+    with pytest.raises(train.NonFiniteLossError, match=rf"epoch 1, {where}, the parameters \['p'\]"):
+        _fit(net_cls(), batches, 2, state_path=tmp_path / "s.pt")
     assert not (tmp_path / "s.pt").exists()
 
 
