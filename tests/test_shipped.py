@@ -71,10 +71,11 @@ SEEDS = sorted(results_dir().glob("seeds/seed*"))
 
 
 def test_seed_runs_are_shipped_and_agree_with_their_checkpoints():
-    """More seeds of LeNet-300-100 BC-GNJ (results/seeds/seedS, from reproduce --seed S): each
-    JSON's compression numbers at every budget are those its checkpoint gives."""
+    """More seeds of LeNet-300-100, both priors (results/seeds/seedS, from reproduce --seed S):
+    each JSON's compression numbers at every budget are those its checkpoint gives."""
     assert [p.name for p in SEEDS] == ["seed2", "seed3"]
     for folder in SEEDS:
-        run = load_run("lenet_300_100", "nj", folder)  # checks JSON == checkpoint at every budget
-        assert run.result["seed"] == int(folder.name.removeprefix("seed"))
-        assert run.result["epochs"] == 250 and not run.result["fast"]
+        for prior in ("nj", "hs"):
+            run = load_run("lenet_300_100", prior, folder)  # checks JSON == checkpoint at every budget
+            assert run.result["seed"] == int(folder.name.removeprefix("seed"))
+            assert run.result["epochs"] == 250 and not run.result["fast"]
