@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from typing import Callable
 
 import torch
 from torch import nn
@@ -22,18 +23,33 @@ def _layer_macs(m: nn.Module, out: torch.Tensor) -> int:
     return 0
 
 
-@torch.no_grad()
 def macs(net: nn.Module, example_input: torch.Tensor) -> int:
     """Multiply-adds per example of ``net``'s linear and convolution layers (dense count; others ignored).
 
     Runs ``net`` once in eval mode on ``example_input`` (any batch size) with forward hooks.
     Group layers count at their full size: prune first to count what is kept.
     """
+    return _per_example(net, example_input, _layer_macs)
+
+
+def activations(net: nn.Module, example_input: torch.Tensor) -> int:
+    """Values per example written by ``net``'s linear and convolution layers (their outputs' sizes).
+
+    The element-wise layers after them (ReLU, pooling) read as many, so time spent there
+    follows this count, not :func:`macs`: where such memory-bound work dominates, a pruned
+    net's speed-up tends towards its ratio of activations. Counted like :func:`macs`.
+    """
+    return _per_example(net, example_input, lambda m, out: out.numel())
+
+
+@torch.no_grad()
+def _per_example(net: nn.Module, example_input: torch.Tensor, count: Callable[[nn.Module, torch.Tensor], int]) -> int:
+    """``count(layer, output)`` summed over one eval-mode pass's linear and conv layers, per example."""
     total = 0
 
     def hook(m: nn.Module, args: object, out: torch.Tensor) -> None:
         nonlocal total
-        total += _layer_macs(m, out)
+        total += count(m, out)
 
     kinds = (nn.Linear, nn.modules.conv._ConvNd, BayesianGroupLayer)
     handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, kinds)]

@@ -10,9 +10,12 @@ For each shipped Bayesian checkpoint ``results/<arch>-<prior>.pt`` whose run has
 - reloaded: that net written by ``bclib.export.export_compressed`` and read back by
   ``bclib.load_compressed`` (weights rounded to the report's bits).
 
-Timings are medians over ``--repeats`` interleaved runs after a warm-up, under
-``torch.inference_mode``; speed-ups are dense time / compressed time from the same run,
-set beside the ratio of multiply-adds (MACs) of the linear and conv layers. Sizes: the
+The dense and the pruned net also run in onnxruntime (``bclib.runtime.OnnxRuntimeNet``, as
+many threads). Timings are medians over ``--repeats`` interleaved runs after a warm-up, under
+``torch.inference_mode``; speed-ups are dense time / compressed time from the same run and the
+same runtime, set beside the ratio of multiply-adds (MACs) of the linear and conv layers and
+the ratio of their activations (values written, which ReLU and pooling read: ``cost.activations``).
+``--profile`` lists where the pruned net's time goes in eager PyTorch at the largest batch. Sizes: the
 dense float32 state (weights + biases), the compressed file, the achieved rate (dense
 weight bytes / file bytes) and ``compression_report``'s theoretical ``rate_precision``
 (weights only, no header, spec or biases). Test errors on MNIST need ``BCLIB_DATA``.
@@ -33,11 +36,13 @@ import torch
 from torch import nn
 
 from bclib import compression, cost, models
+from bclib.atomic import atomic_write
 from bclib.compression import compression_report, prune, quantized
 from bclib.config import results_dir
 from bclib.data import load_mnist
 from bclib.export import export_compressed
 from bclib.load_compressed import load_compressed
+from bclib.runtime import OnnxRuntimeNet
 from bclib.train import load_checkpoint
 
 BATCH_SIZES = (1, 64, 1024)
@@ -66,6 +71,8 @@ class Row:
     architecture: str
     macs_dense: int
     macs_compressed: int
+    activations_dense: int
+    activations_compressed: int
     dense_state_bytes: int
     dense_weight_bytes: int
     file_bytes: int
@@ -78,6 +85,10 @@ class Row:
     @property
     def mac_ratio(self) -> float:
         return self.macs_dense / max(self.macs_compressed, 1)
+
+    @property
+    def activation_ratio(self) -> float:
+        return self.activations_dense / max(self.activations_compressed, 1)
 
 
 def shipped_cases(results: Path) -> list[Case]:
@@ -112,7 +123,8 @@ def test_error(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return 100.0 * (pred != y).float().mean().item()
 
 
-def benchmark(case: Case, repeats: int, mnist: Optional[tuple[torch.Tensor, torch.Tensor]], tmp: Path) -> Row:
+def benchmark(case: Case, repeats: int, threads: int, mnist: Optional[tuple[torch.Tensor, torch.Tensor]],
+              tmp: Path) -> Row:  # fmt: skip
     report = compression_report(case.model, case.thresholds)
     dense, pruned = compression.dense(case.model), prune(case.model, case.thresholds)
     path = tmp / f"{case.name}.bclb"
@@ -124,13 +136,15 @@ def benchmark(case: Case, repeats: int, mnist: Optional[tuple[torch.Tensor, torc
         name=case.name, source=case.source,
         architecture="-".join(f"{i}x{o}" for i, o in report.architecture),
         macs_dense=cost.macs(dense, one), macs_compressed=cost.macs(reloaded, one),
+        activations_dense=cost.activations(dense, one), activations_compressed=cost.activations(reloaded, one),
         dense_state_bytes=4 * sum(p.numel() for p in dense.parameters()), dense_weight_bytes=4 * dense_weights,
         file_bytes=file_bytes, rate_achieved=4 * dense_weights / file_bytes, rate_precision=report.rate_precision,
     )  # fmt: skip
     if mnist is not None:
         row.error_reloaded = test_error(reloaded, *mnist)
         row.error_quantized = test_error(quantized(pruned, report.bits), *mnist)
-    nets = {"dense": dense, "pruned": pruned, "reloaded": reloaded}
+    nets = {"dense": dense, "pruned": pruned, "reloaded": reloaded,
+            "dense onnxruntime": OnnxRuntimeNet(dense, one, threads), "pruned onnxruntime": OnnxRuntimeNet(pruned, one, threads)}  # fmt: skip
     for b in BATCH_SIZES:
         row.timings_ms[b] = cost.time_forward(nets, torch.randn(b, 1, 28, 28), repeats)
     return row
@@ -145,14 +159,28 @@ def markdown(rows: list[Row]) -> str:
         out.append(f"| {r.name} | {r.architecture} | {r.macs_dense:,} / {r.macs_compressed:,} (x{r.mac_ratio:.1f}) | "
                    f"{r.dense_state_bytes:,} | {r.file_bytes:,} | x{r.rate_achieved:.1f} | x{r.rate_precision:.1f} | "
                    f"{err(r.error_reloaded)} / {err(r.error_quantized)} |")  # fmt: skip
-    out += ["", "| model | batch | dense ms | pruned ms | reloaded ms | speed-up pruned | speed-up reloaded | MAC ratio |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    out += ["", "Eager PyTorch and onnxruntime; speed-up = dense time / compressed time in the same runtime.", "",
+            "| model | batch | dense ms | pruned ms | reloaded ms | speed-up pruned / reloaded "
+            "| onnxruntime dense ms | pruned ms | speed-up | MAC ratio | activation ratio |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for r in rows:
         for b, t in r.timings_ms.items():
-            speedups = f"x{t['dense'] / t['pruned']:.2f} | x{t['dense'] / t['reloaded']:.2f}"
+            ort_d, ort_p = t["dense onnxruntime"], t["pruned onnxruntime"]
             out.append(f"| {r.name} | {b} | {t['dense']:.3f} | {t['pruned']:.3f} | {t['reloaded']:.3f} | "
-                       f"{speedups} | x{r.mac_ratio:.1f} |")  # fmt: skip
+                       f"x{t['dense'] / t['pruned']:.2f} / x{t['dense'] / t['reloaded']:.2f} | {ort_d:.3f} | {ort_p:.3f} | "
+                       f"x{ort_d / ort_p:.2f} | x{r.mac_ratio:.1f} | x{r.activation_ratio:.1f} |")  # fmt: skip
     return "\n".join(out)
+
+
+def profile_pruned(case: Case, batch: int, rows: int = 8) -> str:
+    """torch.profiler's table of the pruned net's costliest operators at ``batch`` (eager PyTorch)."""
+    net, x = prune(case.model, case.thresholds), torch.randn(batch, 1, 28, 28)
+    with torch.inference_mode():
+        net(x)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(10):
+                net(x)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
 def mnist_test_set() -> Optional[tuple[torch.Tensor, torch.Tensor]]:
@@ -169,21 +197,27 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--repeats", type=int, default=30, help="timed runs per net and batch size (median reported)")
     ap.add_argument("--results", type=Path, default=results_dir(), help="folder of the shipped runs")
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers to this JSON file")
+    ap.add_argument("--profile", action="store_true", help="also list the pruned nets' costliest operators at batch 1024")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cases = shipped_cases(args.results)
     mnist = mnist_test_set()
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [benchmark(c, args.repeats, mnist, Path(tmp)) for c in cases]
+        rows = [benchmark(c, args.repeats, args.threads, mnist, Path(tmp)) for c in cases]
     print(f"torch {torch.__version__}, {args.threads} thread(s), {platform.processor() or platform.machine()}, "
           f"median of {args.repeats} runs\n")  # fmt: skip
     for r in rows:
         print(f"- {r.name}: {r.source}")
     print()
     print(markdown(rows))
+    if args.profile:
+        for c in cases:
+            print(f"\n{c.name}, pruned, eager, batch {BATCH_SIZES[-1]}: operators by self CPU time over 10 passes")
+            print(profile_pruned(c, BATCH_SIZES[-1]))
     if args.json is not None:
         settings = {"threads": args.threads, "repeats": args.repeats, "torch": torch.__version__}
-        args.json.write_text(json.dumps({"settings": settings, "rows": [asdict(r) for r in rows]}, indent=2))
+        text = json.dumps({"settings": settings, "rows": [asdict(r) for r in rows]}, indent=2)
+        atomic_write(args.json, lambda f: f.write(text.encode()))
 
 
 if __name__ == "__main__":
