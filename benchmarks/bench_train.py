@@ -6,7 +6,8 @@ Each network is trained with the same loop (bclib.train.train: Adam, lr 1e-3, ba
 data preloaded as tensors) on the same random MNIST-shaped batches. Rounds alternate between
 the networks, so machine load hits all of them alike; the median time per step is reported.
 
-It also times what a Bayesian step cannot avoid: its matrix products (forward and backward
+It counts the ATen operators a step dispatches (each costs a few microseconds of fixed overhead),
+and times what a Bayesian step cannot avoid: its matrix products (forward and backward
 of every linear/conv layer, no element-wise work, no optimiser: one per layer for the plain
 net, two, for means and variances, for the Bayesian one, whose first layer also needs its
 input gradients because ``z`` scales the inputs) and its noise (one normal draw per example
@@ -91,9 +92,10 @@ def main() -> None:
             times[k].append(time_steps(net, batches))
     med = {k: statistics.median(v[1:]) for k, v in times.items()}
     print(f"{args.arch}, batch {args.batch_size}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print("| network | ms per step | ratio to plain |\n| --- | --- | --- |")
+    print("| network | ms per step | ratio to plain | aten operators per step |\n| --- | --- | --- | --- |")
     for k, t in med.items():
-        print(f"| {k} | {1000 * t:.2f} | {t / med['plain']:.2f}x |")
+        ops = aten_ops_per_step(nets[k], data.TensorBatches(x[: 10 * args.batch_size], y[: 10 * args.batch_size], args.batch_size))
+        print(f"| {k} | {1000 * t:.2f} | {t / med['plain']:.2f}x | {ops:.0f} |")
     x1 = x[: args.batch_size]
     mm_plain, mm_bayes = products_seconds(nets["plain"], x1, False), products_seconds(nets["plain"], x1, True)
     noise = noise_seconds(nets["nj"], x1)
@@ -105,6 +107,23 @@ def main() -> None:
         for k in ("plain", "nj"):
             print(f"\n{k}: operators by self CPU time over {len(batches)} steps")
             print(profile_steps(nets[k], batches))
+
+
+def aten_ops_per_step(net: torch.nn.Module, batches: data.TensorBatches) -> float:
+    """ATen operators dispatched per training step (forward, backward, optimiser), counted over one pass."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    count = 0
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            nonlocal count
+            count += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        train.train(net, batches, 1, n_data=60000, progress=False)
+    return count / len(batches)
 
 
 def profile_steps(net: torch.nn.Module, batches: data.TensorBatches, rows: int = 15) -> str:
