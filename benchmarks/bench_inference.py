@@ -10,8 +10,9 @@ For each shipped Bayesian checkpoint ``results/<arch>-<prior>.pt`` whose run has
 - reloaded: that net written by ``bclib.export.export_compressed`` and read back by
   ``bclib.load_compressed`` (weights rounded to the report's bits).
 
-The dense and the pruned net also run in onnxruntime (``bclib.runtime.OnnxRuntimeNet``, as
-many threads). Timings are medians over ``--repeats`` interleaved runs after a warm-up, under
+The dense and the pruned net also run rewritten for eager PyTorch (``bclib.runtime.faster_eager``:
+2x2 max pools as maxima of strided views) and in onnxruntime (``bclib.runtime.OnnxRuntimeNet``,
+as many threads). Timings are medians over ``--repeats`` interleaved runs after a warm-up, under
 ``torch.inference_mode``; speed-ups are dense time / compressed time from the same run and the
 same runtime, set beside the ratio of multiply-adds (MACs) of the linear and conv layers and
 the ratio of their activations (values written, which ReLU and pooling read: ``cost.activations``).
@@ -42,7 +43,7 @@ from bclib.config import results_dir
 from bclib.data import load_mnist
 from bclib.export import export_compressed
 from bclib.load_compressed import load_compressed
-from bclib.runtime import OnnxRuntimeNet
+from bclib.runtime import OnnxRuntimeNet, faster_eager
 from bclib.train import load_checkpoint
 
 BATCH_SIZES = (1, 64, 1024)
@@ -52,6 +53,8 @@ PRIORS = ("nj", "hs")
 FALLBACK_PRUNED = {"lenet_300_100": [1 - 278 / 784, 1 - 98 / 300, 1 - 13 / 100],
                    "lenet5_caffe": [1 - 8 / 20, 1 - 13 / 50, 1 - 88 / 208, 1 - 13 / 500]}  # fmt: skip
 WEIGHTED = (nn.Linear, nn.Conv2d)
+# Other ways to run the dense and the pruned net: name -> f(net, example input, threads).
+RUNTIMES = {"faster_eager": lambda net, x, threads: faster_eager(net), "onnxruntime": OnnxRuntimeNet}
 
 
 @dataclass
@@ -143,8 +146,9 @@ def benchmark(case: Case, repeats: int, threads: int, mnist: Optional[tuple[torc
     if mnist is not None:
         row.error_reloaded = test_error(reloaded, *mnist)
         row.error_quantized = test_error(quantized(pruned, report.bits), *mnist)
-    nets = {"dense": dense, "pruned": pruned, "reloaded": reloaded,
-            "dense onnxruntime": OnnxRuntimeNet(dense, one, threads), "pruned onnxruntime": OnnxRuntimeNet(pruned, one, threads)}  # fmt: skip
+    nets = {"dense": dense, "pruned": pruned, "reloaded": reloaded}
+    for runtime, make in RUNTIMES.items():
+        nets[f"dense {runtime}"], nets[f"pruned {runtime}"] = make(dense, one, threads), make(pruned, one, threads)
     for b in BATCH_SIZES:
         row.timings_ms[b] = cost.time_forward(nets, torch.randn(b, 1, 28, 28), repeats)
     return row
@@ -159,16 +163,18 @@ def markdown(rows: list[Row]) -> str:
         out.append(f"| {r.name} | {r.architecture} | {r.macs_dense:,} / {r.macs_compressed:,} (x{r.mac_ratio:.1f}) | "
                    f"{r.dense_state_bytes:,} | {r.file_bytes:,} | x{r.rate_achieved:.1f} | x{r.rate_precision:.1f} | "
                    f"{err(r.error_reloaded)} / {err(r.error_quantized)} |")  # fmt: skip
-    out += ["", "Eager PyTorch and onnxruntime; speed-up = dense time / compressed time in the same runtime.", "",
-            "| model | batch | dense ms | pruned ms | reloaded ms | speed-up pruned / reloaded "
-            "| onnxruntime dense ms | pruned ms | speed-up | MAC ratio | activation ratio |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    runtimes = ["eager", *RUNTIMES]
+    out += ["", f"Runtimes: {', '.join(runtimes)}; speed-up = dense time / pruned time in the same runtime.", "",
+            f"| model | batch | dense ms ({' / '.join(runtimes)}) | pruned ms | reloaded ms (eager) "
+            "| speed-up | MAC ratio | activation ratio |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for r in rows:
         for b, t in r.timings_ms.items():
-            ort_d, ort_p = t["dense onnxruntime"], t["pruned onnxruntime"]
-            out.append(f"| {r.name} | {b} | {t['dense']:.3f} | {t['pruned']:.3f} | {t['reloaded']:.3f} | "
-                       f"x{t['dense'] / t['pruned']:.2f} / x{t['dense'] / t['reloaded']:.2f} | {ort_d:.3f} | {ort_p:.3f} | "
-                       f"x{ort_d / ort_p:.2f} | x{r.mac_ratio:.1f} | x{r.activation_ratio:.1f} |")  # fmt: skip
+            d = [t["dense"]] + [t[f"dense {k}"] for k in RUNTIMES]
+            p = [t["pruned"]] + [t[f"pruned {k}"] for k in RUNTIMES]
+            out.append(f"| {r.name} | {b} | {' / '.join(f'{v:.3f}' for v in d)} | {' / '.join(f'{v:.3f}' for v in p)} | "
+                       f"{t['reloaded']:.3f} | {' / '.join(f'x{u / v:.2f}' for u, v in zip(d, p))} | "
+                       f"x{r.mac_ratio:.1f} | x{r.activation_ratio:.1f} |")  # fmt: skip
     return "\n".join(out)
 
 

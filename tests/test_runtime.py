@@ -1,17 +1,26 @@
 """bclib.runtime.OnnxRuntimeNet: onnxruntime gives the torch net's outputs, at any batch size, with clear errors."""
 from __future__ import annotations
 
+import importlib.util
+import subprocess
+import sys
+
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from bclib import models
 from bclib.compression import dense, prune
 from bclib.export import export_onnx
 from bclib.testing import sparsify
 
-pytest.importorskip("onnxscript", reason="torch.onnx's exporter needs onnxscript")
-pytest.importorskip("onnxruntime", reason="OnnxRuntimeNet needs onnxruntime")
-from bclib.runtime import OnnxRuntimeNet  # noqa: E402
+from bclib.runtime import OnnxRuntimeNet, faster_eager
+
+needs_onnxruntime = pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("onnxscript", "onnxruntime")),
+    reason="OnnxRuntimeNet needs onnxruntime, and torch.onnx's exporter onnxscript",
+)
 
 
 def _pruned(arch: str) -> torch.nn.Module:
@@ -20,6 +29,7 @@ def _pruned(arch: str) -> torch.nn.Module:
     return prune(net, sparsify(net, 0.6, seed=1))
 
 
+@needs_onnxruntime
 @pytest.mark.parametrize("arch", ["lenet_300_100", "lenet5_caffe"])
 @pytest.mark.parametrize("threads", [None, 1])
 def test_outputs_match_torch_at_any_batch_size(arch, threads):
@@ -31,6 +41,7 @@ def test_outputs_match_torch_at_any_batch_size(arch, threads):
             torch.testing.assert_close(fast(x), net(x), rtol=1e-4, atol=1e-5)
 
 
+@needs_onnxruntime
 def test_dense_and_file_round_trip(tmp_path):
     torch.manual_seed(0)
     model = models.build("lenet5_caffe", "nj").eval()
@@ -40,6 +51,7 @@ def test_dense_and_file_round_trip(tmp_path):
         torch.testing.assert_close(OnnxRuntimeNet.load(tmp_path / "net.onnx", threads=2)(x), net(x), rtol=1e-4, atol=1e-5)
 
 
+@needs_onnxruntime
 def test_bad_inputs_are_clear_errors(tmp_path):
     fast = OnnxRuntimeNet(_pruned("lenet_300_100"), torch.randn(1, 1, 28, 28))
     with pytest.raises(ValueError, match=r"takes input of shape .*got \(2, 1, 14, 14\)"):
@@ -55,3 +67,48 @@ def test_bad_inputs_are_clear_errors(tmp_path):
         OnnxRuntimeNet.load(tmp_path / "bad.onnx")
     with pytest.raises(TypeError, match="Bayesian group layers"):
         OnnxRuntimeNet(models.build("lenet_300_100", "nj"), torch.randn(1, 1, 28, 28))
+
+
+class _Pools(nn.Module):
+    """Pools the rewrite must change (2x2 after a ReLU, a functional ReLU) and leave (3x3, ceil mode, shared ReLU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3)
+        self.relu, self.pool = nn.ReLU(), nn.MaxPool2d(2)
+        self.pool3, self.ceil = nn.MaxPool2d(3, 1), nn.MaxPool2d(2, ceil_mode=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.pool(self.relu(self.conv(x)))
+        b = self.pool(F.relu(self.conv(x)))
+        shared = torch.relu(self.conv(x))
+        c = self.pool(shared) + shared.mean()
+        return torch.cat([t.flatten(1) for t in (a, b, c, self.pool3(a), self.ceil(a))], 1)
+
+
+@pytest.mark.parametrize("size", [(17, 17), (16, 21), (8, 9)])  # odd sizes: floor mode drops the last row or column
+def test_faster_eager_gives_the_same_outputs_bit_for_bit(size):
+    torch.manual_seed(0)
+    net = _Pools().eval()
+    fast = faster_eager(net)
+    kinds = [type(m) for m in fast.modules()]
+    assert kinds.count(nn.MaxPool2d) == 2  # pool3 and ceil stay; the three 2x2 pools are rewritten
+    x = torch.randn(3, 2, *size)
+    x[0, 0, 0, :3] = float("nan")  # NaN propagates through max pooling: through the rewrite too
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), net(x), rtol=0, atol=0, equal_nan=True)
+
+
+def test_faster_eager_on_a_pruned_lenet_saves_and_loads_without_bclib(tmp_path):
+    net = faster_eager(_pruned("lenet5_caffe"))
+    assert not any(isinstance(m, nn.MaxPool2d) for m in net.modules())
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), _pruned("lenet5_caffe")(x), rtol=0, atol=0)
+    torch.save(net, tmp_path / "net.pt")
+    torch.save(x, tmp_path / "x.pt")
+    code = (f"import sys, torch; sys.modules['bclib'] = None; "
+            f"net = torch.load({str(tmp_path / 'net.pt')!r}, weights_only=False); "
+            f"print(net(torch.load({str(tmp_path / 'x.pt')!r})).shape)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "torch.Size([5, 10])"
