@@ -84,6 +84,9 @@ class BayesianGroupLayer(nn.Module):
         # they move with model.to(device), but not saved with the parameters.
         self.register_buffer("weight_mask", None, persistent=False)
         self.register_buffer("bias_mask", None, persistent=False)
+        # Optional boolean over the groups, applied in training: the sampled z_i of groups not
+        # kept are 0, so they stay pruned while training goes on (bclib.finetune). Not saved.
+        self.register_buffer("group_keep", None, persistent=False)
         # Set by models.forward_with_kl: training forwards put their KL here (layer -> KL).
         self.kl_terms: Optional[dict[nn.Module, torch.Tensor]] = None
 
@@ -132,6 +135,11 @@ class BayesianGroupLayer(nn.Module):
             if self.bias_logvar is not None:
                 self.bias_logvar.clamp_(max=bound)
 
+    def sample_z(self, n: int) -> torch.Tensor:
+        """``n`` draws of the scales ``z ~ q(z)``, shape ``(n, groups)``; 0 where ``group_keep`` is False."""
+        z = self.scale.sample(n)
+        return z if self.group_keep is None else z * self.group_keep.to(z.dtype)
+
     def _eval_params(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         w, b = self.posterior_weight_mean(), self.posterior_bias_mean()
         if self.weight_mask is not None:
@@ -177,7 +185,7 @@ class LinearGroup(BayesianGroupLayer):
             w, b = self._eval_params()
             return F.linear(x, w, b)
         x2 = x.reshape(-1, self.in_features)
-        z = self.scale.sample(len(x2))
+        z = self.sample_z(len(x2))
         eps = torch.randn(len(x2), self.out_features, device=x.device, dtype=x.dtype)
         with_kl = self.kl_terms is not None and self not in self.kl_terms
         out, kl = linear_lrt(x2, z, self.weight_mu, self.weight_logvar, self.bias_mu, self.bias_logvar, eps, with_kl)
@@ -240,7 +248,7 @@ class ConvGroup(BayesianGroupLayer):
         bias_var = None if self.bias_logvar is None else self.bias_logvar.exp()
         mean = self._apply_conv(x, self.weight_mu, self.bias_mu)
         var = self._apply_conv(x.pow(2), self.weight_logvar.exp(), bias_var)
-        z = self.scale.sample(x.shape[0]).view(x.shape[0], -1, *([1] * self.dims))
+        z = self.sample_z(x.shape[0]).view(x.shape[0], -1, *([1] * self.dims))
         return z * _sample_gaussian(mean, var)
 
     def posterior_bias_mean(self) -> Optional[torch.Tensor]:

@@ -7,7 +7,8 @@ as the paper does (:func:`kept_groups`), counts the weights a list of kept group
 (:func:`weights_of_kept_groups`, which gives the paper's LeNet-300-100 pruning rates from its
 architectures), finds a run's error-compression front and the point nearest the paper's error
 (:func:`front`, :func:`nearest_to_paper`) and builds the Markdown tables of ``reproduce`` and
-the book. The published figures come from :mod:`bclib.paper`.
+the book, among them the fine-tuned levels of ``reproduce --finetune`` (:func:`finetuned_table`,
+:func:`best_within`). The published figures come from :mod:`bclib.paper`.
 """
 from __future__ import annotations
 
@@ -251,3 +252,49 @@ def matched_table(results: list[Result]) -> str:
             f"{kept_groups(q)} / {p['architecture']}{mark} | {bits} |"
         )
     return "\n".join(rows) + "\n"
+
+
+def best_within(points: Sequence[Result], error: float) -> Optional[Result]:
+    """The point of most compression after precision reduction among those with a test error
+    (after precision reduction) at most ``error``; ``None`` if there is none."""
+    within = [p for p in points if p["error_compressed"] <= error]
+    return max(within, key=lambda p: (p["rate_precision"], -p["error_compressed"])) if within else None
+
+
+def finetuned_table(results: list[Result]) -> str:
+    """Markdown tables of fine-tuning after pruning (``reproduce --finetune``, :mod:`bclib.finetune`).
+
+    First, per run, the shipped point nearest the paper's error, the fine-tuned headline (the
+    fine-tuned level nearest it) and the fine-tuned level of most compression at or below the
+    paper's error, beside the paper; then every level: before and after fine-tuning.
+    """
+    rows = ["| network | method | point | budget (points) | error % | pruning rate | precision rate | "
+            "kept groups | bits per layer | paper (error % / pruning / precision) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    levels = ["| run | budget (points) | before fine-tuning: error %, pruning, precision | after: error %, pruning, "
+              "precision | held-out error % before / after | kept groups after | epochs | seconds |",
+              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in results:
+        arch, prior, ft = r["arch"], r["prior"], r["finetuned"]
+        p = PAPER[(arch, prior)]
+        name = f"{NET_NAMES[arch]} | {PRIOR_NAMES[prior]}"
+        paper = f"{p['error']:g} / {_fmt(p['rate_pruning'])} / {p['rate_precision']:g}"
+        best = best_within(ft["points"], p["error"])
+        picks = [("shipped", nearest_to_paper(r)), ("fine-tuned (headline)", ft["points"][ft["headline"]]),
+                 (f"fine-tuned, most at <= {p['error']:g} %", best)]  # fmt: skip
+        for label, q in picks:
+            if q is None:
+                rows.append(f"| {name} | {label} | – | none | – | – | – | – | {paper} |")
+                continue
+            bits = " ".join(f"1+{e}+{s}" for e, s in q["bits"])
+            rows.append(f"| {name} | {label} | {100 * q['max_drop']:.1f} | {q['error_compressed']:.2f} | "
+                        f"{q['rate_pruning']:.1f} | {q['rate_precision']:.1f} | {kept_groups(dict(q, arch=arch))} | "
+                        f"{bits} | {paper} |")  # fmt: skip
+        for q in ft["points"]:
+            b = q["before"]
+            levels.append(f"| {NET_NAMES[arch]} {PRIOR_NAMES[prior]} | {100 * q['max_drop']:.1f} | "
+                          f"{b['error_compressed']:.2f}, {b['rate_pruning']:.1f}x, {b['rate_precision']:.0f}x | "
+                          f"{q['error_compressed']:.2f}, {q['rate_pruning']:.1f}x, {q['rate_precision']:.0f}x | "
+                          f"{q['held_out_error_before']:.2f} / {q['held_out_error_compressed']:.2f} | "
+                          f"{kept_groups(dict(q, arch=arch))} | {q['epochs']} | {q['train_seconds']:.0f} |")  # fmt: skip
+    return "\n".join(rows) + "\n\n" + "\n".join(levels) + "\n"
