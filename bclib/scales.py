@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .kl import kl_lognormal_gamma, kl_lognormal_invgamma, kl_normal_jeffreys_sum
+from .kl import kl_lognormal_gamma_sum, kl_lognormal_invgamma_sum, kl_normal_jeffreys_sum
 
 _EPS = 1e-8
 
@@ -116,10 +116,10 @@ class HorseshoeScale(nn.Module):
 
     def kl_divergence(self) -> torch.Tensor:
         return (
-            kl_lognormal_gamma(self.sa_mu, self.sa_logvar, self.tau0**2).sum()
-            + kl_lognormal_invgamma(self.sb_mu, self.sb_logvar).sum()
-            + kl_lognormal_gamma(self.a_mu, self.a_logvar, 1.0).sum()
-            + kl_lognormal_invgamma(self.b_mu, self.b_logvar).sum()
+            kl_lognormal_gamma_sum(self.sa_mu, self.sa_logvar, self.tau0**2)
+            + kl_lognormal_invgamma_sum(self.sb_mu, self.sb_logvar)
+            + kl_lognormal_gamma_sum(self.a_mu, self.a_logvar, 1.0)
+            + kl_lognormal_invgamma_sum(self.b_mu, self.b_logvar)
         )
 
 

@@ -242,3 +242,20 @@ def test_fused_normal_jeffreys_kl_sum_matches_autograd():
     torch.testing.assert_close(fused, composed)
     for a, b in zip(torch.autograd.grad(fused, (z_mu, z_logvar)), torch.autograd.grad(composed, (z_mu, z_logvar))):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("prior, scale", [("gamma", 1.0), ("gamma", 1e-10), ("invgamma", 1.0)])  # tau0 = 1e-5: 1e-10
+def test_fused_lognormal_kl_sums_match_autograd(prior, scale):
+    torch.manual_seed(0)
+    mu = (torch.randn(30, dtype=torch.float64) * 2 + math.log(scale)).requires_grad_()  # about where training starts
+    logvar = (torch.randn(30, dtype=torch.float64) * 2 - 3).requires_grad_()
+    if prior == "gamma":
+        fused = lambda m, v: kl.kl_lognormal_gamma_sum(m, v, scale)  # noqa: E731
+        composed = lambda m, v: kl.kl_lognormal_gamma(m, v, scale).sum()  # noqa: E731
+    else:
+        fused, composed = kl.kl_lognormal_invgamma_sum, lambda m, v: kl.kl_lognormal_invgamma(m, v).sum()
+    assert torch.autograd.gradcheck(fused, (mu, logvar))
+    a, b = fused(mu, logvar), composed(mu, logvar)  # autograd's composition is the oracle
+    torch.testing.assert_close(a, b)
+    for ga, gb in zip(torch.autograd.grad(a, (mu, logvar)), torch.autograd.grad(b, (mu, logvar))):
+        torch.testing.assert_close(ga, gb)
