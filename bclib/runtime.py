@@ -1,17 +1,18 @@
-"""Run a plain network, such as a pruned one, in onnxruntime: less overhead per operator than eager PyTorch.
+"""Run a plain network, such as a pruned one, faster at inference: in onnxruntime, or rewritten for eager PyTorch.
 
 Eager PyTorch spends microseconds of Python and dispatch on every operator, which for a
 small pruned network at small batches costs more than its arithmetic: the multiply-adds
 that pruning removes are then not what the time is spent on. onnxruntime runs the whole
 graph in C++ after fusing operators (e.g. a convolution with its ReLU), so the time follows
-the arithmetic further down. ``benchmarks/bench_inference.py`` measures both runtimes.
+the arithmetic further down:
 
     fast = OnnxRuntimeNet(prune(model, thresholds), torch.randn(1, 1, 28, 28))
     logits = fast(x)  # a torch.Tensor, as net(x) in eval mode would give
 
 The network goes through :func:`bclib.export.export_onnx` (BatchNorm folded, dynamic batch);
 ``OnnxRuntimeNet.load(path)`` runs an ONNX file written by it. :func:`faster_eager` rewrites a
-net for eager PyTorch instead, where max pooling costs as much as the convolutions.
+net for eager PyTorch instead, where max pooling costs about as much as the convolutions.
+``benchmarks/bench_inference.py`` measures all three ways.
 """
 from __future__ import annotations
 
