@@ -5,7 +5,9 @@ Modules: ``layers`` (group layers, the prior an argument), ``scales`` (the prior
 ``data`` (MNIST and CIFAR-10 as tensors), ``train`` (objective, loop, checkpoints),
 ``distributed`` (training under torchrun), ``graph`` (which channels a pruned group takes
 with it), ``compression`` (masks, bit precision, rates, ``prune``), ``baselines`` (other
-rankings and fixed thresholds), ``cost`` (multiply-adds, timing), ``export`` (the pruned net
+rankings and fixed thresholds), ``finetune`` (training on with the pruned groups held at 0),
+``cost`` (multiply-adds, activations, timing), ``runtime`` (faster inference: onnxruntime, or
+exact rewrites for eager PyTorch), ``export`` (the pruned net
 as a bit-packed file or ONNX), ``load_compressed`` (the bit-packed file's stand-alone
 reader), ``coded`` / ``load_coded`` (the entropy-coded file, needs ``constriction``),
 ``results`` (the shipped runs read back) and ``paper`` (the published numbers).

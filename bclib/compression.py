@@ -181,9 +181,12 @@ def group_masks(model: nn.Module, thresholds: Sequence[float], example_input: Op
 _MASK_HOOKS: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
 
 
-def _zero_pruned_channels(keep: torch.Tensor) -> Callable:
+def zero_pruned_channels(keep: torch.Tensor, in_training: bool = False) -> Callable:
+    """Forward hook: a channel-wise layer's pruned channels (``keep`` False) output 0, in eval
+    mode, or in training mode with ``in_training`` (bclib.finetune); the other mode is untouched."""
+
     def hook(module: nn.Module, args: Any, out: torch.Tensor) -> Optional[torch.Tensor]:
-        if module.training:
+        if module.training != in_training:
             return None
         return out * keep.to(out.device, out.dtype).view(1, -1, *([1] * (out.dim() - 2)))
 
@@ -211,7 +214,7 @@ def apply_masks(model: nn.Module, masks: Optional[Sequence[LayerMask]]) -> None:
         layer.weight_mask = m.weight_mask(layer.weight_mu.shape).to(dev)
         layer.bias_mask = m.outputs.float().to(dev)
     channels = getattr(masks, "channels", {})
-    _MASK_HOOKS[model] = [model.get_submodule(name).register_forward_hook(_zero_pruned_channels(keep))
+    _MASK_HOOKS[model] = [model.get_submodule(name).register_forward_hook(zero_pruned_channels(keep))
                           for name, keep in channels.items()]  # fmt: skip
 
 

@@ -25,7 +25,7 @@ import contextlib
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -84,17 +84,6 @@ def check_masks(model: nn.Module, masks: Sequence[LayerMask]) -> None:
                              "to another model; compute them with group_masks(model, thresholds)") from None
 
 
-def _zero_channels_in_training(keep: torch.Tensor) -> Callable:
-    """Forward hook: in training mode, a channel-wise layer's pruned channels output 0."""
-
-    def hook(module: nn.Module, args: Any, out: torch.Tensor) -> Optional[torch.Tensor]:
-        if not module.training:
-            return None  # eval mode: apply_masks' own hook does it
-        return out * keep.to(out.device, out.dtype).view(1, -1, *([1] * (out.dim() - 2)))
-
-    return hook
-
-
 def fix_pruning(model: nn.Module, masks: Optional[Masks]) -> None:
     """Hold the groups (and channels) that ``masks`` drop at zero in training and eval; ``None`` releases them.
 
@@ -115,7 +104,8 @@ def fix_pruning(model: nn.Module, masks: Optional[Masks]) -> None:
         return
     for layer, m in zip(layers, masks):
         layer.group_keep = kept_groups(layer, m).to(layer.weight_mu.device)
-    _TRAINING_HOOKS[net] = [net.get_submodule(name).register_forward_hook(_zero_channels_in_training(keep))
+    hook = compression.zero_pruned_channels  # eval mode: apply_masks' hooks
+    _TRAINING_HOOKS[net] = [net.get_submodule(name).register_forward_hook(hook(keep, in_training=True))
                             for name, keep in masks.channels.items()]  # fmt: skip
 
 
