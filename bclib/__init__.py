@@ -6,6 +6,7 @@ Modules: ``layers`` (group layers, the prior an argument), ``scales`` (the prior
 ``distributed`` (training under torchrun), ``graph`` (which channels a pruned group takes
 with it), ``compression`` (masks, bit precision, rates, ``prune``), ``baselines`` (other
 rankings and fixed thresholds), ``finetune`` (training on with the pruned groups held at 0),
+``quantize`` (bit widths searched on held-out data, training through the rounding),
 ``cost`` (multiply-adds, activations, timing), ``runtime`` (faster inference: onnxruntime, or
 exact rewrites for eager PyTorch), ``export`` (the pruned net
 as a bit-packed file or ONNX), ``load_compressed`` (the bit-packed file's stand-alone

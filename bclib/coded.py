@@ -179,18 +179,23 @@ def _best_model(f: WeightFields) -> tuple[WeightModel, dict[str, float]]:
     return min(costs, key=costs.get), {str(m): c for m, c in costs.items()}
 
 
-def _bias_range(bias: torch.Tensor) -> tuple[int, int]:
-    e = (bias.detach().cpu().numpy().astype("<f4").view(np.uint32) >> 23) & 0xFF
-    return int(e.min()), int(e.max())
+def _bias_fields(bias: torch.Tensor) -> tuple[int, int, int]:
+    """Lowest and highest float32 exponent of the biases, and the mantissa bits they use
+    (23 less the trailing zeros all their mantissas share: fewer after ``quantized(..., bias_significand)``)."""
+    u = bias.detach().cpu().numpy().astype("<f4").view(np.uint32).astype(np.int64)
+    e, mant = (u >> 23) & 0xFF, u & ((1 << 23) - 1)
+    used = next((m for m in range(24) if not (mant & ((1 << (23 - m)) - 1)).any()), 23)
+    return int(e.min()), int(e.max()), used
 
 
 def _code_bias(bias: torch.Tensor, enc: _Encoder) -> float:
-    """Append float32 biases exactly: sign, exponent (adaptive over the layer's range), mantissa; returns their bits."""
+    """Append float32 biases exactly: sign, exponent (adaptive over the layer's range), the mantissa
+    bits in use; returns their bits."""
     u = bias.detach().cpu().numpy().astype("<f4").view(np.uint32).astype(np.int64)
-    lo, hi = _bias_range(bias)
+    lo, hi, m = _bias_fields(bias)
     exp = ((u >> 23) & 0xFF) - lo
     bits = enc.uniform(u >> 31, 1) + enc.adaptive(exp, np.zeros(len(u), np.int64), hi - lo + 1)
-    return bits + enc.uniform(u & ((1 << 23) - 1), 23)
+    return bits + enc.uniform((u & ((1 << 23) - 1)) >> (23 - m), m)
 
 
 # --- the file -------------------------------------------------------------------------------
@@ -294,7 +299,7 @@ def _weighted(
     w_bits = _code_weights(f, model, enc)
     b_bits = 0.0
     if m.bias is not None:
-        spec += _varints(*_bias_range(m.bias))
+        spec += _varints(*_bias_fields(m.bias))
         b_bits = _code_bias(m.bias, enc)
     return spec, LayerCode(name, len(f.code), bits, str(model), w_bits, b_bits, costs)
 

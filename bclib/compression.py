@@ -422,24 +422,49 @@ def _copy_sliced(old: nn.Module, new: nn.Module, cut: Callable[[torch.Tensor], t
     return new.train(old.training)
 
 
-def quantized(net: nn.Module, bits: Sequence[LayerBits]) -> nn.Module:
-    """A copy of a pruned net (:func:`prune`) with each former group layer's weights rounded to its bits."""
-    names = getattr(net, "bayesian_layer_names", None)  # read first: deepcopy drops it
-    net = copy.deepcopy(net)
+def copy_pruned(net: nn.Module) -> nn.Module:
+    """A deep copy of a pruned net that keeps :func:`prune`'s ``bayesian_layer_names`` (deepcopy drops it)."""
+    names = getattr(net, "bayesian_layer_names", None)
+    out = copy.deepcopy(net)
     if names is not None:
-        layers = [net.get_submodule(n) for n in names]
-    else:  # a plain net of other origin: its linear and conv layers in order
-        layers = [m for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+        out.bayesian_layer_names = list(names)
+    return out
+
+
+def former_group_layers(net: nn.Module) -> list[nn.Module]:
+    """The layers whose weights take bit widths: ``prune``'s former group layers in order or, in
+    a plain net of other origin, its linear and conv layers in order."""
+    names = getattr(net, "bayesian_layer_names", None)
+    if names is not None:
+        return [net.get_submodule(n) for n in names]
+    return [m for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+
+
+def check_bits(bits: Any, layers: Sequence[nn.Module]) -> None:
+    """A clear error unless ``bits`` holds one :class:`LayerBits` per layer of ``layers``."""
     if not all(isinstance(b, LayerBits) for b in bits):
         raise TypeError(f"bits must be LayerBits (exponent, significand), got {bits!r:.80}: "
                         "pass compression_report(model, thresholds).bits")  # fmt: skip
     if len(bits) != len(layers):
         raise ValueError(f"got {len(bits)} bit widths for {len(layers)} layers: "
                          "pass compression_report(model, thresholds).bits, one LayerBits per former group layer")  # fmt: skip
-    with torch.no_grad():
-        for layer, b in zip(layers, bits):
-            if layer.weight.numel():
-                layer.weight.copy_(round_to_bits(layer.weight, b.exponent, b.significand))
+
+
+@torch.no_grad()
+def quantized(net: nn.Module, bits: Sequence[LayerBits], bias_significand: Optional[int] = None) -> nn.Module:
+    """A copy of a pruned net (:func:`prune`) with each former group layer's weights rounded to its bits.
+
+    With ``bias_significand`` their biases round too, to that many significand bits (within
+    float32's exponent range); the coded file (:mod:`bclib.coded`) stores them in that many bits.
+    """
+    net = copy_pruned(net)
+    layers = former_group_layers(net)
+    check_bits(bits, layers)
+    for layer, b in zip(layers, bits):
+        if layer.weight.numel():
+            layer.weight.copy_(round_to_bits(layer.weight, b.exponent, b.significand))
+        if bias_significand is not None and layer.bias is not None and layer.bias.numel():
+            layer.bias.copy_(round_to_bits(layer.bias, MAX_EXPONENT_BITS, bias_significand))
     return net
 
 

@@ -214,7 +214,7 @@ def export_compressed(bayes_model: nn.Module, thresholds: Sequence[float], path:
     """
     _check_file_path(path)
     net = prune(bayes_model, thresholds).cpu()
-    return _write_net(net, compression_report(bayes_model, thresholds).bits, path)
+    return write_quantized(net, compression_report(bayes_model, thresholds).bits, path)
 
 
 def _check_file_path(path: Union[str, Path]) -> None:
@@ -222,8 +222,9 @@ def _check_file_path(path: Union[str, Path]) -> None:
         raise IsADirectoryError(f"{path} is a directory: give a file path, e.g. {Path(path) / 'model.bclb'}")
 
 
-def _write_net(net: nn.Module, bits: Sequence[LayerBits], path: Union[str, Path]) -> int:
-    """Write a chain of plain layers with the bit widths ``bits`` (see :func:`_bits_by_layer`)."""
+def write_quantized(net: nn.Module, bits: Sequence[LayerBits], path: Union[str, Path]) -> int:
+    """Write a pruned net (a chain of plain layers) with the bit widths ``bits`` (one per former
+    group layer, see :func:`_bits_by_layer`), e.g. bits fitted by :mod:`bclib.quantize`; returns its size."""
     folded = fold_batchnorm(net)
     records = list(_records(folded, _bits_by_layer(folded, bits)))
     spec = json.dumps({"layers": [r[0] for r in records]}, separators=(",", ":")).encode("utf-8")

@@ -1,4 +1,4 @@
-"""Read a model written by ``bclib.coded.export_coded`` (entropy-coded format, version 1).
+"""Read a model written by ``bclib.coded.export_coded`` (entropy-coded format, version 2).
 
 This file imports only numpy, torch, constriction (the range coder) and the standard
 library: copy it next to your code and call ``load_coded(path)``; bclib need not be
@@ -7,7 +7,7 @@ network of ``bclib.compression.quantized(prune(...), bits)``, as ``bclib.load_co
 does for the bit-packed format: the same layers, weights and biases (a weight that rounds
 to zero reads back as +0.0 whatever its sign).
 
-Format version 1::
+Format version 2::
 
     offset  bytes  field
     0       4      magic b"BCLC"
@@ -22,7 +22,8 @@ A varint is unsigned LEB128; signed values are zigzag-mapped first. The spec is 
 count, then per layer its type and fields: ``linear`` in, out; ``conv2d`` in, out, kernel,
 stride, padding, dilation (two each); both then a bias flag, the exponent bits ``E``, the
 significand bits ``S``, ``e_max`` (signed), the weight model and its two parameters ``ctx``
-and ``k``, and for a bias its lowest and highest float32 exponent. ``relu``; ``maxpool2d``
+and ``k``, and for a bias its lowest and highest float32 exponent and its mantissa bits
+``M``. ``relu``; ``maxpool2d``
 kernel, stride, padding, dilation (two each), ceil_mode; ``flatten`` start_dim, end_dim
 (signed); ``select`` mask length, kept count, context period ``p``.
 
@@ -43,7 +44,8 @@ An adaptive model is the Krichevsky-Trofimov estimator: symbol ``s`` of an alpha
 has probability ``(n_s + 1/2) / (n + K/2)`` after ``n`` symbols of which ``n_s`` were ``s``, so
 the decoder learns the empirical distribution as it reads, and no table is stored. Biases are
 float32: a uniform sign bit, the 8-bit exponent under an adaptive model over the layer's
-range of exponents, and 23 uniform mantissa bits. A select mask (the kept input features)
+range of exponents, and the top ``M`` of the 23 mantissa bits, uniform (the others are
+zero: biases rounded to ``M`` significand bits). A select mask (the kept input features)
 codes each bit under an adaptive model given the previous bit and the bit ``p`` places back
 (``p`` = 0: the previous bit only). Uniform fields wider than 12 bits are split into 12-bit
 chunks, high chunk first.
@@ -68,7 +70,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     ) from err
 
 MAGIC = b"BCLC"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: biases keep M mantissa bits (version 1: always 23)
 HEADER = struct.Struct("<4sBI")  # magic, format version, CRC-32 of the rest
 CHUNK_BITS = 12  # uniform fields are coded in chunks of at most this many bits
 MAX_EXPONENT_BITS = 8
@@ -117,7 +119,7 @@ class SelectFeatures(nn.Module):
 
 
 def load_coded(path: Union[str, PathLike]) -> nn.Sequential:
-    """The network stored at ``path``; :class:`CodedFormatError` if the file is not a valid version-1 model."""
+    """The network stored at ``path``; :class:`CodedFormatError` if the file is not a valid version-2 model."""
     spec, words = read_file(Path(path).read_bytes())
     stream = _Decoder(words)
     try:
@@ -141,8 +143,9 @@ def read_file(data: bytes) -> tuple[bytes, np.ndarray]:
         raise CodedFormatError(f"truncated entropy-coded bclib model: {len(data)} bytes, shorter than its header")
     _, version, crc = HEADER.unpack_from(data)
     if version != FORMAT_VERSION:
-        newer = "update bclib" if version > FORMAT_VERSION else "file altered or corrupt"
-        raise CodedFormatError(f"format version {version}, this loader reads {FORMAT_VERSION}: {newer}")
+        fix = ("update bclib" if version > FORMAT_VERSION else
+               "written by an older bclib: write it again with bclib.coded.export_coded")  # fmt: skip
+        raise CodedFormatError(f"format version {version}, this loader reads {FORMAT_VERSION}: {fix}")
     pos = HEADER.size
     spec_len, pos = _varint(data, pos)
     n_words, pos = _varint(data, pos)
@@ -212,7 +215,7 @@ class _Spec:
             layer["model"], layer["ctx"] = self.int(len(WEIGHT_MODELS)), self.int(2)
             layer["k"] = self.int(layer["S"] + 1)
             if layer["bias"]:
-                layer["bias_e"] = self.ints(2)
+                layer["bias_e"], layer["bias_m"] = self.ints(2), self.int(24)
         elif kind == "maxpool2d":
             layer["kernel"], layer["stride"], layer["padding"], layer["dilation"] = (self.ints(2) for _ in range(4))
             layer["ceil_mode"] = bool(self.int(2))
@@ -318,14 +321,14 @@ def weight_values(code: np.ndarray, sign: np.ndarray, frac: np.ndarray, S: int, 
     return np.where(sign == 1, -mag, mag).astype(np.float32)
 
 
-def decode_bias(stream: _Decoder, n: int, lo_hi: tuple[int, int]) -> np.ndarray:
-    """``n`` float32 biases: sign, exponent (adaptive over ``lo .. hi``), mantissa."""
+def decode_bias(stream: _Decoder, n: int, lo_hi: tuple[int, int], mantissa: int) -> np.ndarray:
+    """``n`` float32 biases: sign, exponent (adaptive over ``lo .. hi``), the top ``mantissa`` mantissa bits."""
     lo, hi = lo_hi
     if not lo <= hi <= 255:
         raise CodedFormatError(f"file altered or corrupt: bias exponent range {lo}..{hi}")
     sign = stream.uniform(n, 1)
     exp = stream.adaptive(np.zeros(n, np.int64), hi - lo + 1) + lo
-    mant = stream.uniform(n, 23)
+    mant = stream.uniform(n, mantissa) << (23 - mantissa)
     return ((sign << 31) | (exp << 23) | mant).astype(np.uint32).view(np.float32)
 
 
@@ -357,6 +360,6 @@ def _build(layer: dict, stream: _Decoder) -> nn.Module:
     with torch.no_grad():
         module.weight.copy_(torch.from_numpy(w).view_as(module.weight))
         if module.bias is not None:
-            module.bias.copy_(torch.from_numpy(decode_bias(stream, layer["out"], layer["bias_e"])))
+            module.bias.copy_(torch.from_numpy(decode_bias(stream, layer["out"], layer["bias_e"], layer["bias_m"])))
     return module
 

@@ -1,5 +1,6 @@
 """Checking compression on a network without training it: hand-set sparsity, BatchNorm
-statistics that matter, and the pruning invariant. Used by bclib's tests and benchmarks."""
+statistics that matter, the pruning invariant, and MNIST-shaped tensors for running the
+pipeline without the data. Used by bclib's tests and benchmarks."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -77,3 +78,11 @@ def check_pruned_equals_masked(
     n_params = [sum(p.numel() for p in net.parameters()) for net in (pruned, compression.dense(bayes, example_input))]
     assert n_params[0] < n_params[1], f"pruning kept every parameter ({n_params[0]:,})"
     return pruned
+
+
+def synthetic_mnist(dataset: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Learnable MNIST-shaped tensors (640 training, 200 test images; the label is a function of
+    the first 10 pixels), in the signature of ``bclib.reproduce.load_data``, which tests replace."""
+    g = torch.Generator().manual_seed(int(train))
+    x = torch.rand(640 if train else 200, 1, 28, 28, generator=g) * 2 - 1
+    return x, (x.flatten(1)[:, :10] > 0).long().sum(1) % 10

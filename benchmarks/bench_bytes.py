@@ -16,7 +16,9 @@ measures, for the network of ``quantized(prune(model, thresholds), bits)``:
 - the KL of the kept posterior in bits (``bclib.coded.kept_kl``: normal-Jeffreys scales
   counted with Sparse VD's constant, a group with ``alpha -> inf`` costing 0) and the
   significand bits below the posterior's noise (``bclib.coded.bits_below_noise``);
-- the test error of the decoded file and of the quantized net (they must agree).
+- the test error of the decoded file and of the quantized net (they must agree);
+- where ``reproduce --quantize`` ran, its headline file ``results/<run>-quantized.bc`` (the
+  fine-tuned net with bits fitted to the data): size, decoded test error, lzma over it.
 
 It writes each run's headline file to ``results/<arch>-<prior>.bc``, all numbers to
 ``results/bytes.json`` (atomically) and prints the tables. Time is not measured.
@@ -39,11 +41,9 @@ from bclib.config import results_dir
 from bclib.export import export_compressed
 from bclib.load_coded import WEIGHT_MODELS, load_coded
 from bclib.paper import PAPER
-from bclib.results import MNIST_RUNS, Run, load_runs, nearest_to_paper
+from bclib.results import BYTES_GOALS, MNIST_RUNS, Run, load_runs, nearest_to_paper
 from bench_inference import mnist_test_set  # the sibling script (python puts its folder on sys.path)
 
-# Issue 16's goals: (bytes, test error %) per network; MIRACLE codes LeNet-5 in about 1.52 kB at 0.96 %.
-GOALS = {"lenet_300_100": (5000, 1.8), "lenet5_caffe": (1500, 1.0)}
 WEIGHTED = (nn.Linear, nn.Conv2d)
 
 
@@ -121,7 +121,7 @@ def measure_run(run: Run, tmp: Path, mnist: Optional[tuple[torch.Tensor, torch.T
         if headline:
             atomic_write(out / f"{run.key}.bc", lambda f: f.write(enc.data))
     nearest = nearest_to_paper(r)
-    goal_bytes, goal_error = GOALS[r["arch"]]
+    goal_bytes, goal_error = BYTES_GOALS[r["arch"]]
     return {"arch": r["arch"], "prior": r["prior"], "paper_error": PAPER[(r["arch"], r["prior"])]["error"],
             "nearest_to_paper_max_drop": nearest["max_drop"], "goal": {"bytes": goal_bytes, "error": goal_error},
             "points": points}  # fmt: skip
@@ -158,6 +158,37 @@ def model_table(runs: dict[str, dict[str, Any]]) -> str:
 
 
 
+def measure_fitted(run: Run, results: Path, mnist: Optional[tuple[torch.Tensor, torch.Tensor]]) -> Optional[dict[str, Any]]:
+    """The headline file of ``reproduce --quantize`` (bits fitted to the data): its size, the
+    test error of the decoded file (it must agree with the recorded one) and lzma over it."""
+    q = run.result.get("quantized")
+    if q is None:
+        return None
+    head = q["points"][q["headline"]]
+    data = (results / q["file"]).read_bytes()
+    point = {"max_drop": head["max_drop"], "bits": head["bits"], "coded_bytes": len(data),
+             "bitpacked_bytes": head["bitpacked_bytes"], "lzma_over_coded": lzma_sizes(data)["lzma2_raw"],
+             "kl_bytes": q["kl_bytes"], "error_recorded": head["error"]}  # fmt: skip
+    if mnist is not None:
+        point["error_decoded"] = test_error(load_coded(results / q["file"]), *mnist)
+    return point
+
+
+def fitted_table(runs: dict[str, dict[str, Any]]) -> str:
+    """Markdown: each run's file with bits fitted to the data, beside the KL and the goal."""
+    out = ["| run | budget | error % (decoded / recorded) | bit-packed | coded | raw lzma2 of coded | KL | goal met |",
+           "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for key, r in runs.items():
+        p = r.get("fitted")
+        if p is None:
+            continue
+        err = f"{p['error_decoded']:.2f} / {p['error_recorded']:.2f}" if "error_decoded" in p else "n/a"
+        met = "error_decoded" in p and p["coded_bytes"] <= r["goal"]["bytes"] and p["error_decoded"] <= r["goal"]["error"]
+        out.append(f"| {key} | {100 * p['max_drop']:.1f} | {err} | {p['bitpacked_bytes']:,} | **{p['coded_bytes']:,}** | "
+                   f"{p['lzma_over_coded']:,} | {p['kl_bytes']:,.0f} | {'met' if met else 'missed'} |")  # fmt: skip
+    return "\n".join(out)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", type=Path, default=results_dir(),
@@ -172,6 +203,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         runs = {key: measure_run(run, Path(tmp), mnist, args.results) for key, run in found.items()}
+    for key, run in found.items():
+        fitted = measure_fitted(run, args.results, mnist)
+        if fitted is not None:
+            runs[key]["fitted"] = fitted
     out = args.results / "bytes.json"
     if out.is_file() and args.only is not None:  # keep the runs not measured this time
         runs = {**json.loads(out.read_text())["runs"], **runs}
@@ -181,6 +216,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(table(runs))
     print()
     print(model_table(runs))
+    print("\nBits fitted to the data (reproduce --quantize), the headline file of each run:\n")
+    print(fitted_table(runs))
     print(f"\nwrote {out} and the headline files {args.results}/<run>.bc")
 
 

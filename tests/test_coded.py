@@ -61,6 +61,25 @@ def test_round_trip_equals_the_quantized_net(tmp_path: Path, arch: str, prior: s
         assert_bitwise(got(x), ref(x))
 
 
+@pytest.mark.parametrize("significand", [0, 4, 10, 23])
+def test_biases_rounded_to_m_bits_take_m_bits_and_reload_exactly(tmp_path: Path, significand: int) -> None:
+    net, t = sparse("lenet5_caffe", "hs")
+    bits = compression_report(net, t).bits
+    ref = quantized(prune(net, t), bits, bias_significand=significand)
+    enc = coded.encode_network(ref, bits)
+    (tmp_path / "m.bc").write_bytes(enc.data)
+    for g, w in zip(biases(load_coded(tmp_path / "m.bc")), biases(ref), strict=True):
+        assert_bitwise(g, w)
+    for layer, b in zip(enc.layers, biases(ref)):  # sign + exponent (adaptive, under 8 bits) + M mantissa bits
+        assert len(b) * (1 + significand) <= layer.bias_bits < len(b) * (1 + significand + 8)
+
+
+def test_mantissa_bits_in_use() -> None:
+    mant = lambda *v: coded._bias_fields(torch.tensor(v, dtype=torch.float32))[2]  # noqa: E731
+    assert mant(1.0, -2.0, 0.5) == 0
+    assert mant(1.5, 1.25) == 2
+    assert mant(1.0 + 2.0**-23) == 23
+    assert mant(0.1) == 23  # float32(0.1) is 0x3DCCCCCD: its last mantissa bit is set
 def test_batchnorm_folds_as_in_the_bit_packed_file(tmp_path: Path) -> None:
     """Oracle: the bit-packed format and its own reader hold the same net (fold, then round)."""
     torch.manual_seed(0)
@@ -168,6 +187,10 @@ def test_header_errors_name_the_problem(tmp_path: Path, good_file: bytes) -> Non
     newer[4] = lc.FORMAT_VERSION + 1
     with pytest.raises(CodedFormatError, match="update bclib"):
         load_bytes(tmp_path, bytes(newer))
+    older = bytearray(good_file)
+    older[4] = lc.FORMAT_VERSION - 1
+    with pytest.raises(CodedFormatError, match="older bclib"):
+        load_bytes(tmp_path, bytes(older))
 
 
 def test_a_wrong_spec_with_a_valid_crc_is_an_error_not_a_crash(tmp_path: Path, good_file: bytes) -> None:

@@ -19,7 +19,7 @@ from torch import nn
 import bclib.load_compressed as lc
 from bclib import models, precision
 from bclib.compression import LayerBits, compression_report, prune, quantized
-from bclib.export import _pack_bits, _write_net, export_compressed, fold_batchnorm
+from bclib.export import _pack_bits, write_quantized, export_compressed, fold_batchnorm
 from bclib.load_compressed import load_compressed
 from bclib.testing import randomise_batchnorm
 
@@ -190,7 +190,7 @@ def test_batchnorm_and_dropout_round_trip(tmp_path: Path) -> None:
     """BatchNorm folds into the layer before it, which keeps its bits ("fold, then round"); dropout is not stored."""
     net = bn_cnn()
     bits = [LayerBits(3, 5), LayerBits(4, 7), LayerBits(5, 2)]
-    size = _write_net(torch.fx.symbolic_trace(net), bits, tmp_path / "net.bclb")
+    size = write_quantized(torch.fx.symbolic_trace(net), bits, tmp_path / "net.bclb")
     loaded = load_compressed(tmp_path / "net.bclb")
 
     spec, _ = lc._read_file((tmp_path / "net.bclb").read_bytes())
@@ -232,7 +232,7 @@ def test_only_former_group_layers_are_rounded(tmp_path: Path) -> None:
     net = torch.fx.symbolic_trace(bn_cnn())
     net.bayesian_layer_names = ["0", "10"]  # the conv and the last linear layer; "6" stayed plain
     bits = [LayerBits(3, 5), LayerBits(5, 2)]
-    _write_net(net, bits, tmp_path / "net.bclb")
+    write_quantized(net, bits, tmp_path / "net.bclb")
     loaded, folded = load_compressed(tmp_path / "net.bclb"), fold_batchnorm(net)
     assert folded.bayesian_layer_names == ["0", "10"]
     assert torch.equal(loaded[0].weight, precision.round_to_bits(folded.get_submodule("0").weight, 3, 5))
@@ -243,14 +243,14 @@ def test_only_former_group_layers_are_rounded(tmp_path: Path) -> None:
 def test_unfoldable_batchnorm_writes_nothing(tmp_path: Path) -> None:
     net = torch.fx.symbolic_trace(with_running_stats(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.BatchNorm1d(3))))
     with pytest.raises(TypeError, match=r"cannot fold BatchNorm1d\(3.*must directly follow"):
-        _write_net(net, [LayerBits(3, 3)], tmp_path / "net.bclb")
+        write_quantized(net, [LayerBits(3, 3)], tmp_path / "net.bclb")
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("count", [1, 4])
 def test_bits_per_layer_count_checked(tmp_path: Path, count: int) -> None:
     with pytest.raises(ValueError, match=rf"got {count} bit widths for 3 layers \(0, 6, 10\): give one LayerBits per layer"):
-        _write_net(bn_cnn(), [LayerBits(3, 3)] * count, tmp_path / "net.bclb")
+        write_quantized(bn_cnn(), [LayerBits(3, 3)] * count, tmp_path / "net.bclb")
     assert list(tmp_path.iterdir()) == []
 
 

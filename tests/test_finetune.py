@@ -13,7 +13,7 @@ from bclib import compression, finetune, reproduce
 from bclib.config import data_dir, results_dir
 from bclib.convert import bayesian_layers, to_bayesian
 from bclib.data import TensorBatches, load_mnist
-from bclib.testing import randomise_batchnorm, sparsify
+from bclib.testing import randomise_batchnorm, sparsify, synthetic_mnist
 from bclib.train import evaluate, load_checkpoint
 
 X = torch.zeros(1, 1, 8, 8)
@@ -178,16 +178,9 @@ def test_thresholds_that_cannot_keep_the_fixed_groups_are_an_error():
         finetune.thresholds_keeping(net, masks, X)
 
 
-def _synthetic_mnist(dataset: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(int(train))
-    n = 640 if train else 200
-    x = torch.rand(n, 1, 28, 28, generator=g) * 2 - 1
-    return x, (x.flatten(1)[:, :10] > 0).long().sum(1) % 10
-
-
 def test_fast_finetune_stage_writes_its_section_and_reads_levels_back(tmp_path, monkeypatch):
     """``reproduce --fast`` then ``--finetune`` on synthetic MNIST-shaped tensors (into tmp_path only)."""
-    monkeypatch.setattr(reproduce, "load_data", _synthetic_mnist)
+    monkeypatch.setattr(reproduce, "load_data", synthetic_mnist)
     reproduce.main(["--fast", "--out", str(tmp_path), "--only", "lenet_300_100-nj"])
     with pytest.raises(FileNotFoundError, match="run it first without --finetune"):
         reproduce.finetune_run("lenet_300_100", "hs", tmp_path)

@@ -1,0 +1,152 @@
+"""Bit widths chosen on held-out data, and weights trained onto their grid (after pruning).
+
+The paper's rule (sec. 4, :func:`bclib.compression.bit_precision`) gives each layer the
+significand bits that its posterior variance can resolve. That keeps bits below the
+posterior's noise (:func:`bclib.coded.bits_below_noise`): the rounding, not the coder, is what
+keeps the coded file far above the KL (chapter 10). Two steps beyond the paper close part of
+that gap on a pruned network (:func:`bclib.compression.prune`):
+
+- :func:`train_on_grid`: quantization-aware training. The forward pass rounds each former
+  group layer's weights to their bits (:func:`bclib.precision.round_to_bits`), the backward
+  pass treats the rounding as the identity (the straight-through estimator, Bengio et al.
+  2013), so the float weights move until their rounding fits the data.
+- :func:`search_bits`: greedy descent on the bit widths, from the paper's rule down. Layers
+  are visited from the one with most weights; each step lowers one width (significand
+  first, then exponent) by one bit and is kept if the held-out accuracy of the rounded net
+  stays within ``max_drop`` of the start (the rule's bits, rounded).
+- :func:`fit_bits`: the two in turn; training wins back accuracy that the next search spends.
+
+Trained nets keep float ("latent") weights; the network to store is their rounding,
+``compression.quantized(net, bits, bias_significand)``, which the coded file holds exactly.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .compression import LayerBits, _accuracy, check_bits, copy_pruned, former_group_layers, quantized
+from .precision import round_to_bits
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+BIAS_SIGNIFICAND = 10  # float16's significand for the few dozen biases: 13 bits less each than float32
+
+
+class _OnGrid(nn.Module):
+    """Parametrization: ``w`` rounded to ``(exponent, significand)`` forward, the identity backward."""
+
+    def __init__(self, bits: LayerBits) -> None:
+        super().__init__()
+        self.bits = bits
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w + (round_to_bits(w, self.bits.exponent, self.bits.significand) - w).detach()
+
+
+def train_on_grid(net: nn.Module, bits: Sequence[LayerBits], train_batches: Batches, epochs: int,
+                  lr: float = 1e-3) -> nn.Module:  # fmt: skip
+    """A copy of the pruned ``net`` trained ``epochs`` on cross-entropy through its rounding to ``bits``.
+
+    Adam at ``lr`` falling linearly to 0 over all steps; ``net`` is left unchanged. The copy
+    keeps float weights: store ``quantized(copy, bits)``.
+    """
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
+        raise ValueError(f"epochs must be a whole number >= 0, got {epochs!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    out = copy_pruned(net)
+    layers = former_group_layers(out)
+    check_bits(bits, layers)
+    if epochs == 0:
+        return out.eval()
+    grids = [(layer, b) for layer, b in zip(layers, bits) if layer.weight.numel()]
+    for layer, b in grids:
+        parametrize.register_parametrization(layer, "weight", _OnGrid(b))
+    try:
+        steps = epochs * len(train_batches)  # type: ignore[arg-type]
+        opt = torch.optim.Adam(out.parameters(), lr=lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: max(0.0, 1.0 - k / steps))
+        out.train()
+        for _ in range(epochs):
+            for x, y in train_batches:
+                loss = nn.functional.cross_entropy(out(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+    finally:
+        for layer, _ in grids:
+            parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
+    return out.eval()
+
+
+def _lowered(bits: Sequence[LayerBits], i: int, field: str) -> Optional[list[LayerBits]]:
+    """``bits`` with layer ``i``'s ``field`` one lower, or None where it is at its least."""
+    b = bits[i]
+    if getattr(b, field) <= (0 if field == "significand" else 1):
+        return None
+    new = LayerBits(b.exponent - (field == "exponent"), b.significand - (field == "significand"))
+    return [*bits[:i], new, *bits[i + 1 :]]
+
+
+def _descend(net: nn.Module, bits: list[LayerBits], accuracy_of: Callable[[nn.Module], float], floor: float,
+             passes: int) -> list[LayerBits]:  # fmt: skip
+    """Greedy descent: lower one width at a time while ``quantized(net, bits)`` scores at least ``floor``."""
+    sizes = [m.weight.numel() for m in former_group_layers(net)]
+    for _ in range(passes):
+        for i in sorted(range(len(bits)), key=lambda i: -sizes[i]):
+            for field in ("significand", "exponent"):
+                while (trial := _lowered(bits, i, field)) is not None:
+                    if _accuracy(accuracy_of(quantized(net, trial))) < floor:
+                        break
+                    bits = trial
+    return bits
+
+
+def _check(net: nn.Module, bits: Sequence[LayerBits], accuracy_of: object, max_drop: object, passes: object) -> None:
+    if not callable(accuracy_of):
+        raise TypeError(f"accuracy_of must be a function of the net returning its held-out accuracy, "
+                        f"got {type(accuracy_of).__name__}")  # fmt: skip
+    if not (isinstance(max_drop, (int, float)) and 0.0 <= max_drop <= 1.0):
+        raise ValueError(f"max_drop must be a share of accuracy between 0 and 1 (e.g. 0.001), got {max_drop!r}")
+    if not isinstance(passes, int) or passes < 1:
+        raise ValueError(f"passes must be a whole number >= 1, got {passes!r}")
+    check_bits(bits, former_group_layers(net))
+
+
+def search_bits(net: nn.Module, bits: Sequence[LayerBits], accuracy_of: Callable[[nn.Module], float],
+                max_drop: float = 0.001, passes: int = 2) -> list[LayerBits]:  # fmt: skip
+    """Lower the bit widths of a pruned net while its rounding's held-out accuracy stays within ``max_drop``.
+
+    ``bits`` is where the descent starts (``compression_report(model, thresholds).bits``) and
+    the reference of ``max_drop``: the accuracy of ``quantized(net, bits)``. ``accuracy_of(net)``
+    scores a plain net on held-out data (not the test set). Layers go from the one with most
+    weights down, each width one bit at a time, significand before exponent, ``passes`` times.
+    """
+    _check(net, bits, accuracy_of, max_drop, passes)
+    floor = _accuracy(accuracy_of(quantized(net, bits))) - max_drop
+    return _descend(net, list(bits), accuracy_of, floor, passes)
+
+
+def fit_bits(net: nn.Module, bits: Sequence[LayerBits], accuracy_of: Callable[[nn.Module], float],
+             train_batches: Batches, max_drop: float = 0.001, rounds: int = 1, epochs: int = 3, lr: float = 1e-3,
+             passes: int = 2) -> tuple[nn.Module, list[LayerBits]]:  # fmt: skip
+    """:func:`search_bits` and :func:`train_on_grid` in turn, ``rounds`` times.
+
+    Training on the grid wins back held-out accuracy, which the next search spends on fewer
+    bits; the floor stays the start's (``quantized(net, bits)``'s accuracy less ``max_drop``).
+    Returns the trained net (float weights: store ``quantized(net, bits, BIAS_SIGNIFICAND)``)
+    and its bits.
+    """
+    _check(net, bits, accuracy_of, max_drop, passes)
+    if not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be a whole number >= 1, got {rounds!r}")
+    floor = _accuracy(accuracy_of(quantized(net, bits))) - max_drop
+    bits = list(bits)
+    for _ in range(rounds):
+        bits = _descend(net, bits, accuracy_of, floor, passes)
+        net = train_on_grid(net, bits, train_batches, epochs, lr)
+    return net, bits

@@ -1,0 +1,198 @@
+"""bclib.quantize: the straight-through rounding, training onto the grid, the greedy bit search."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from bclib import models, quantize, reproduce
+from bclib.compression import LayerBits, compression_report, prune, quantized
+from bclib.config import data_dir, results_dir
+from bclib.data import TensorBatches, load_mnist
+from bclib.load_coded import load_coded
+from bclib.precision import round_to_bits
+from bclib.testing import sparsify, synthetic_mnist
+from bclib.train import evaluate
+
+
+def pruned_lenet(seed: int = 0) -> tuple[nn.Module, list[LayerBits]]:
+    torch.manual_seed(seed)
+    model = models.build("lenet_300_100", "nj").eval()
+    t = sparsify(model, 0.6, seed)
+    return prune(model, t), compression_report(model, t).bits
+
+
+def teacher_data(n: int = 2048, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
+    """Inputs labelled by a random linear teacher (10 classes, 20 features), and the teacher."""
+    g = torch.Generator().manual_seed(seed)
+    teacher = nn.Linear(20, 10)
+    with torch.no_grad():
+        teacher.weight.copy_(torch.randn(10, 20, generator=g))
+        teacher.bias.zero_()
+    x = torch.randn(n, 20, generator=g)
+    with torch.no_grad():
+        return x, teacher(x).argmax(1), teacher
+
+
+def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return (net(x).argmax(1) == y).float().mean().item()
+
+
+def test_rounding_forward_identity_backward() -> None:
+    """The parametrization's value is round_to_bits; its gradient is the identity's (autograd oracle)."""
+    w = torch.randn(7, 5, requires_grad=True)
+    c = torch.randn(7, 5)
+    q = quantize._OnGrid(LayerBits(3, 1))(w)
+    assert torch.equal(q.detach(), round_to_bits(w.detach(), 3, 1))
+    (q * c).sum().backward()
+    assert torch.equal(w.grad, c)
+
+
+def test_training_on_the_grid_recovers_what_rounding_lost() -> None:
+    """A student near the teacher loses accuracy when rounded to 1 significand bit; training
+    through the rounding wins it back (the rounded untrained student is the baseline)."""
+    x, y, teacher = teacher_data()
+    torch.manual_seed(1)
+    student = nn.Linear(20, 10)
+    with torch.no_grad():
+        student.weight.copy_(teacher.weight + 0.3 * torch.randn(10, 20))
+        student.bias.zero_()
+    bits = [LayerBits(2, 0)]
+    w0 = student.weight.detach().clone()
+    before = accuracy(quantized(student, bits), x, y)
+    batches = list(zip(x.split(64), y.split(64)))
+    trained = quantize.train_on_grid(student, bits, batches, epochs=10, lr=3e-3)
+    after = accuracy(quantized(trained, bits), x, y)
+    assert after > before + 0.05, (before, after)
+    assert torch.equal(student.weight, w0)  # the input is left alone
+    assert not hasattr(trained, "parametrizations") and isinstance(trained.weight, nn.Parameter)
+
+
+def test_train_on_grid_keeps_prunes_layer_names_and_leaves_the_net_alone() -> None:
+    net, bits = pruned_lenet()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(64, 784)
+    y = torch.randint(0, 10, (64,))
+    out = quantize.train_on_grid(net, bits, [(x, y)], epochs=1)
+    assert out.bayesian_layer_names == net.bayesian_layer_names
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert any(not torch.equal(before[k], v) for k, v in out.state_dict().items())
+    assert not out.training
+    assert quantize.train_on_grid(net, bits, [(x, y)], epochs=0).state_dict().keys() == before.keys()
+
+
+def test_search_without_training_stops_where_every_step_down_breaks_the_budget() -> None:
+    """Oracle: the result is within budget, and lowering any width by one from it is not
+    (rounding only, so accuracy is a function of the bits; enough passes to converge)."""
+    x, y, teacher = teacher_data(seed=2)
+    net = nn.Sequential(nn.Linear(20, 10))
+    with torch.no_grad():
+        net[0].weight.copy_(teacher.weight)
+        net[0].bias.zero_()
+    start = [LayerBits(6, 10)]
+    acc = lambda n: accuracy(n, x, y)  # noqa: E731
+    floor = acc(quantized(net, start)) - 0.02
+    bits = quantize.search_bits(net, start, acc, max_drop=0.02, passes=8)
+    assert acc(quantized(net, bits)) >= floor
+    assert bits[0].total < start[0].total
+    for field in ("significand", "exponent"):
+        lower = quantize._lowered(bits, 0, field)
+        assert lower is None or acc(quantized(net, lower)) < floor
+
+
+def test_fitting_goes_lower_than_searching_alone_within_the_same_floor() -> None:
+    x, y, teacher = teacher_data(seed=3)
+    net = nn.Sequential(nn.Linear(20, 10))
+    with torch.no_grad():
+        net[0].weight.copy_(teacher.weight + 0.2 * torch.randn(10, 20, generator=torch.Generator().manual_seed(0)))
+        net[0].bias.zero_()
+    start = [LayerBits(4, 6)]
+    acc = lambda n: accuracy(n, x, y)  # noqa: E731
+    batches = list(zip(x.split(64), y.split(64)))
+    searched = quantize.search_bits(net, start, acc, max_drop=0.01)
+    torch.manual_seed(0)
+    fitted, bits = quantize.fit_bits(net, start, acc, batches, max_drop=0.01, rounds=2, epochs=5, lr=3e-3)
+    assert bits[0].total < searched[0].total, (bits, searched)  # (3, 1) against (3, 2)
+    assert acc(quantized(fitted, bits)) >= acc(quantized(net, start)) - 0.01
+
+
+def test_bad_arguments() -> None:
+    net, bits = pruned_lenet()
+    acc = lambda n: 0.5  # noqa: E731
+    with pytest.raises(ValueError, match="3 layers"):
+        quantize.search_bits(net, bits[:2], acc)
+    with pytest.raises(TypeError, match="LayerBits"):
+        quantize.train_on_grid(net, [(3, 4)] * 3, [], epochs=1)
+    with pytest.raises(TypeError, match="accuracy_of"):
+        quantize.search_bits(net, bits, 0.9)
+    with pytest.raises(ValueError, match="max_drop"):
+        quantize.search_bits(net, bits, acc, max_drop=5)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        quantize.search_bits(net, bits, lambda n: 97.0)
+    with pytest.raises(ValueError, match="epochs"):
+        quantize.train_on_grid(net, bits, [], epochs=-1)
+    with pytest.raises(ValueError, match="lr"):
+        quantize.train_on_grid(net, bits, [], epochs=1, lr=0.0)
+    with pytest.raises(ValueError, match="passes"):
+        quantize.search_bits(net, bits, acc, passes=0)
+    with pytest.raises(ValueError, match="rounds"):
+        quantize.fit_bits(net, bits, acc, [], rounds=0)
+
+
+def test_fast_quantize_stage_writes_its_section_and_file(tmp_path, monkeypatch) -> None:
+    """``reproduce --fast``, ``--finetune``, ``--quantize`` on synthetic MNIST-shaped tensors (tmp_path only):
+    the headline file decodes to the net whose errors and bits the JSON records."""
+    monkeypatch.setattr(reproduce, "load_data", synthetic_mnist)
+    args = ["--fast", "--out", str(tmp_path), "--only", "lenet_300_100-nj"]
+    reproduce.main(args)
+    with pytest.raises(FileNotFoundError, match="run --finetune first"):
+        reproduce.quantize_run("lenet_300_100", "nj", tmp_path)
+    reproduce.main(args + ["--finetune"])
+    reproduce.main(args + ["--quantize"])
+    r = json.loads((tmp_path / "lenet_300_100-nj.json").read_text())
+    q = r["quantized"]
+    assert [p["max_drop"] for p in q["points"]] == reproduce._quantize_settings("lenet_300_100", True)["budgets"]
+    head = q["points"][q["headline"]]
+    path = tmp_path / q["file"]
+    assert path.stat().st_size == head["coded_bytes"]
+    net = load_coded(path)
+    _, _, test_b = reproduce._split("lenet_300_100", r["train_limit"], 128, r["seed"])
+    assert 100 * (1 - evaluate(net, test_b)) == pytest.approx(head["error"], abs=1e-9)
+    layers = [m for m in net if isinstance(m, nn.Linear)]
+    for layer, (e, s) in zip(layers, head["bits"], strict=True):  # every weight on its grid, every bias on 10 bits
+        assert torch.equal(round_to_bits(layer.weight, e, s), layer.weight)
+        assert torch.equal(round_to_bits(layer.bias, 8, q["bias_significand"]), layer.bias)
+    assert all(b[0] + b[1] <= r0[0] + r0[1] for b, r0 in zip(head["bits"], q["bits_rule"]))
+
+
+SHIPPED = sorted(p.stem for p in results_dir().glob("*-*.json"))
+needs_mnist = pytest.mark.skipif(
+    not (data_dir() / "MNIST" / "raw" / "t10k-images-idx3-ubyte").exists(), reason="MNIST not in BCLIB_DATA"
+)
+
+
+def test_every_shipped_run_has_fitted_bits() -> None:
+    assert SHIPPED and all("quantized" in json.loads((results_dir() / f"{r}.json").read_text()) for r in SHIPPED)
+
+
+@needs_mnist
+@pytest.mark.parametrize("run", SHIPPED)
+def test_shipped_fitted_file_gives_its_recorded_error(run: str) -> None:
+    """The shipped ``<run>-quantized.bc`` is the headline's file: its size, test error and bits,
+    and the headline is the smallest file at or below the paper's error (else the lowest error)."""
+    r = json.loads((results_dir() / f"{run}.json").read_text())
+    q = r["quantized"]
+    head = q["points"][q["headline"]]
+    path = results_dir() / q["file"]
+    assert path.stat().st_size == head["coded_bytes"]
+    net = load_coded(path)
+    error = 100 * (1 - evaluate(net, TensorBatches(*load_mnist(train=False), batch_size=1000)))
+    assert error == pytest.approx(head["error"], abs=0.011)
+    for layer, (e, s) in zip([m for m in net if isinstance(m, (nn.Linear, nn.Conv2d))], head["bits"], strict=True):
+        assert torch.equal(round_to_bits(layer.weight, e, s), layer.weight)
+    paper = reproduce.PAPER[(r["arch"], r["prior"])]["error"]
+    within = [p for p in q["points"] if p["error"] <= paper + 1e-9]
+    assert head == (min(within, key=lambda p: p["coded_bytes"]) if within else min(q["points"], key=lambda p: p["error"]))
