@@ -92,6 +92,8 @@ class _Encoder:
         return float(bits * len(values))
 
     def adaptive(self, symbols: np.ndarray, contexts: np.ndarray, size: int) -> float:
+        if size == 1:  # a certain symbol: nothing to code (the reader knows it too)
+            return 0.0
         total = 0.0
         for s, table in _adaptive_tables(np.asarray(symbols, np.int64), np.asarray(contexts, np.int64), size):
             self.enc.encode(s.astype(np.int32), self.family, table)

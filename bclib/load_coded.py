@@ -42,7 +42,8 @@ layer's model:
 
 An adaptive model is the Krichevsky-Trofimov estimator: symbol ``s`` of an alphabet of ``K``
 has probability ``(n_s + 1/2) / (n + K/2)`` after ``n`` symbols of which ``n_s`` were ``s``, so
-the decoder learns the empirical distribution as it reads, and no table is stored. Biases are
+the decoder learns the empirical distribution as it reads, and no table is stored (an alphabet
+of one symbol codes nothing). Biases are
 float32: a uniform sign bit, the 8-bit exponent under an adaptive model over the layer's
 range of exponents, and the top ``M`` of the 23 mantissa bits, uniform (the others are
 zero: biases rounded to ``M`` significand bits). A select mask (the kept input features)
@@ -244,6 +245,8 @@ class _Decoder:
 
     def adaptive(self, contexts: np.ndarray, size: int) -> np.ndarray:
         """One symbol of an alphabet of ``size`` per entry of ``contexts``, each context its own adaptive model."""
+        if size == 1:  # nothing was coded: the symbol is certain
+            return np.zeros(len(contexts), np.int64)
         counts = np.zeros((int(contexts.max()) + 1 if len(contexts) else 0, size))
         out = np.empty(len(contexts), np.int64)
         for i, c in enumerate(contexts):

@@ -74,6 +74,21 @@ def test_biases_rounded_to_m_bits_take_m_bits_and_reload_exactly(tmp_path: Path,
         assert len(b) * (1 + significand) <= layer.bias_bits < len(b) * (1 + significand + 8)
 
 
+def test_a_layer_whose_biases_share_one_exponent_round_trips(tmp_path: Path) -> None:
+    """An alphabet of one symbol (every bias in [1, 2), a single output) is certain: nothing coded."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 1))
+    with torch.no_grad():
+        net[0].bias.copy_(torch.tensor([1.0, 1.25, 1.5, 1.75]))
+    bits = [LayerBits(3, 2), LayerBits(3, 2)]
+    enc = coded.encode_network(net, bits)
+    (tmp_path / "m.bc").write_bytes(enc.data)
+    got = load_coded(tmp_path / "m.bc")
+    for g, w in zip(biases(got), biases(net), strict=True):
+        assert_bitwise(g, w)
+    assert enc.layers[0].bias_bits == 4 * (1 + 2)  # sign and two mantissa bits; the exponent is free
+
+
 def test_mantissa_bits_in_use() -> None:
     mant = lambda *v: coded._bias_fields(torch.tensor(v, dtype=torch.float32))[2]  # noqa: E731
     assert mant(1.0, -2.0, 0.5) == 0
