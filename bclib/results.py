@@ -306,20 +306,22 @@ BYTES_GOALS = {"lenet_300_100": (5000, 1.8), "lenet5_caffe": (1500, 1.0)}
 
 def quantized_table(results: list[Result]) -> str:
     """Markdown: bits fitted to the data (``reproduce --quantize``, :mod:`bclib.quantize`), every budget
-    of every run, the headline marked, beside the KL of the fine-tuned posterior and the bytes goal."""
+    of every run, the headline marked, beside the KL of the fine-tuned posterior and the bytes goal;
+    for the headline also the test errors of its budget under other training seeds."""
     rows = ["| run | budget (points) | test error % | held-out error % | coded bytes | bit-packed bytes | "
-            "KL bytes | precision rate | bits per layer (paper's rule) | goal |",
-            "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            "KL bytes | precision rate | bits per layer (paper's rule) | goal | other seeds: error % |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
         q = r["quantized"]
         goal_bytes, goal_error = BYTES_GOALS.get(r["arch"], (None, None))
         rule = " ".join(f"1+{e}+{s}" for e, s in q["bits_rule"])
         for i, p in enumerate(q["points"]):
             bits = " ".join(f"1+{e}+{s}" for e, s in p["bits"])
+            seeds = " ".join(f"{o['error']:.2f}" for o in p.get("other_seeds", []))
             met = goal_bytes is not None and p["coded_bytes"] <= goal_bytes and p["error"] <= goal_error + 1e-9
             goal = "–" if goal_bytes is None else f"{'met' if met else 'missed'} ({goal_bytes:,} at {goal_error:g} %)"
             rows.append(f"| {NET_NAMES[r['arch']]} {PRIOR_NAMES[r['prior']]}{' (headline)' if i == q['headline'] else ''} | "
                         f"{100 * p['max_drop']:.1f} | {p['error']:.2f} | {p['held_out_error']:.2f} | "
                         f"**{p['coded_bytes']:,}** | {p['bitpacked_bytes']:,} | {q['kl_bytes']:,.0f} | "
-                        f"{p['rate_precision']:.0f} | {bits} ({rule}) | {goal} |")  # fmt: skip
+                        f"{p['rate_precision']:.0f} | {bits} ({rule}) | {goal} | {seeds} |")  # fmt: skip
     return "\n".join(rows) + "\n"

@@ -166,6 +166,13 @@ def test_fast_quantize_stage_writes_its_section_and_file(tmp_path, monkeypatch) 
         assert torch.equal(round_to_bits(layer.weight, e, s), layer.weight)
         assert torch.equal(round_to_bits(layer.bias, 8, q["bias_significand"]), layer.bias)
     assert all(b[0] + b[1] <= r0[0] + r0[1] for b, r0 in zip(head["bits"], q["bits_rule"]))
+    assert [o["seed"] for o in head["other_seeds"]] == reproduce._quantize_settings("lenet_300_100", True)["seeds"]
+    first = path.read_bytes()
+    reproduce.main(args + ["--quantize"])  # seeded: the same files again
+    again = json.loads((tmp_path / "lenet_300_100-nj.json").read_text())["quantized"]
+    drop = lambda points: [{k: v for k, v in p.items() if k != "seconds"} for p in points]  # noqa: E731
+    assert drop(again["points"]) == drop(q["points"])
+    assert path.read_bytes() == first
 
 
 SHIPPED = sorted(p.stem for p in results_dir().glob("*-*.json"))
