@@ -12,11 +12,9 @@ checkpoint go to ``--out`` (resumable), never into ``results/``: the shipped run
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from bclib import reproduce
-from bclib.atomic import atomic_write
 from bclib.config import results_dir
 from bclib.train import load_checkpoint
 
@@ -30,18 +28,14 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--out", type=Path, default=Path("results-levels"), help="state, checkpoint and point JSON")
     args = ap.parse_args()
-    run = results_dir() / f"{args.arch}-{args.prior}"
-    if not run.with_suffix(".json").is_file():
-        raise SystemExit(f"no finished run {run}.json: train it first (python -m bclib.reproduce --only "
-                         f"{args.arch}-{args.prior})")  # fmt: skip
-    res = json.loads(run.with_suffix(".json").read_text())
+    _, bayes_path, res = reproduce._finished(args.arch, args.prior, results_dir(), "tools/finetune_level.py")
     batches = reproduce._split(args.arch, res["train_limit"], 128, res["seed"])
-    bayes = load_checkpoint(run.with_suffix(".pt"))[0]
+    bayes = load_checkpoint(bayes_path)[0]
     state = args.out / f"{args.arch}-{args.prior}-{args.budget:g}-{args.epochs}ep-lr{args.lr:g}"
     state.mkdir(parents=True, exist_ok=True)
     s = {"epochs": args.epochs, "lr": args.lr}
     p = reproduce._finetune_level(bayes, args.arch, args.prior, args.budget, s, res["seed"], batches, state)
-    atomic_write(state / "point.json", lambda f: f.write(json.dumps(p, indent=2).encode()))
+    reproduce._atomic_json(p, state / "point.json")
     arch = "-".join(str(i) for i, _ in p["architecture"])
     print(f"{args.arch}-{args.prior} budget {args.budget:g}, {args.epochs} epochs at lr {args.lr:g}: test error "
           f"{p['error_compressed']:.2f} % (held-out {p['held_out_error_compressed']:.2f} %), "
