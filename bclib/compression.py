@@ -496,6 +496,7 @@ def search_thresholds(
     candidates: int = 24,
     passes: int = 2,
     example_input: Optional[torch.Tensor] = None,
+    start: Optional[Sequence[float]] = None,
 ) -> list[float]:
     """Greedy per-layer thresholds: prune as much as keeps accuracy within ``max_drop`` of the unpruned net.
 
@@ -505,15 +506,22 @@ def search_thresholds(
     stays within budget, then bisected between the last count within budget and the first
     beyond it, to the single group. ``example_input`` as for :func:`prune`. Each threshold lies midway between two groups'
     ``log_alpha``, so rounding it changes nothing; every layer keeps at least one group.
+    ``start``: thresholds to prune further from (a subset of their groups is kept), with the
+    budget counted from the net they prune, not the unpruned one: a second round after
+    fine-tuning.
     """
     layers = _layers_of(model)
     _check_search_arguments(accuracy_of, max_drop, candidates, passes)
+    start = None if start is None else _check_thresholds(layers, start)
 
     def score(net: nn.Module) -> float:
         return _accuracy(accuracy_of(net))
 
-    base = score(dense(model, example_input))
-    thresholds = [layer.log_alpha.max().item() + 1.0 for layer in layers]
+    if start is None:
+        base = score(dense(model, example_input))
+        thresholds = [layer.log_alpha.max().item() + 1.0 for layer in layers]
+    else:
+        base, thresholds = score(prune(model, start, example_input)), start
     order = sorted(range(len(layers)), key=lambda i: -layers[i].weight_mu.numel())
     for _ in range(passes):
         for i in order:

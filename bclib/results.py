@@ -261,13 +261,19 @@ def best_within(points: Sequence[Result], error: float) -> Optional[Result]:
     return max(within, key=lambda p: (p["rate_precision"], -p["error_compressed"])) if within else None
 
 
+def _level_budget(q: Result) -> str:
+    """A fine-tuning level's budget in points; ``1.0, then 0.25`` for a second-round level."""
+    return f"{100 * q['first_round']:.1f}, then {100 * q['max_drop']:.2g}" if "first_round" in q else \
+        f"{100 * q['max_drop']:.1f}"
+
+
 def finetuned_table(results: list[Result]) -> str:
     """Markdown tables of fine-tuning after pruning (``reproduce --finetune``, :mod:`bclib.finetune`).
 
     First, per run, the shipped point nearest the paper's error, the fine-tuned level nearest it
     and the fine-tuned level of most compression at or below it, beside the paper, the headline
-    marked (the latter, or the former where none is at or below); then every level: before and
-    after fine-tuning.
+    marked (the latter, or the former where none is at or below); then every level (a
+    second-round level: the first round's budget, then its own): before and after fine-tuning.
     """
     rows = ["| network | method | point | budget (points) | error % | pruning rate | precision rate | "
             "kept groups | bits per layer | paper (error % / pruning / precision) |",
@@ -290,12 +296,12 @@ def finetuned_table(results: list[Result]) -> str:
                 continue
             label += " (headline)" if label != "shipped" and q["max_drop"] == head else ""
             bits = " ".join(f"1+{e}+{s}" for e, s in q["bits"])
-            rows.append(f"| {name} | {label} | {100 * q['max_drop']:.1f} | {q['error_compressed']:.2f} | "
+            rows.append(f"| {name} | {label} | {_level_budget(q)} | {q['error_compressed']:.2f} | "
                         f"{q['rate_pruning']:.1f} | {q['rate_precision']:.1f} | {kept_groups(dict(q, arch=arch))} | "
                         f"{bits} | {paper} |")  # fmt: skip
         for q in ft["points"]:
             b = q["before"]
-            levels.append(f"| {NET_NAMES[arch]} {PRIOR_NAMES[prior]} | {100 * q['max_drop']:.1f} | "
+            levels.append(f"| {NET_NAMES[arch]} {PRIOR_NAMES[prior]} | {_level_budget(q)} | "
                           f"{b['error_compressed']:.2f}, {b['rate_pruning']:.1f}x, {b['rate_precision']:.0f}x | "
                           f"{q['error_compressed']:.2f}, {q['rate_pruning']:.1f}x, {q['rate_precision']:.0f}x | "
                           f"{q['held_out_error_before']:.2f} / {q['held_out_error_compressed']:.2f} | "

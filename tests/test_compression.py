@@ -198,6 +198,26 @@ def test_search_thresholds_finds_the_smallest_group_count_within_budget():
     assert len(evaluated) < 80  # far fewer than trying every count
 
 
+def test_search_from_start_thresholds_counts_the_budget_from_the_net_they_prune():
+    """A second round (after fine-tuning): from ``start`` the search keeps a subset of its groups,
+    and ``max_drop`` counts from the accuracy of the net ``start`` prunes, not the unpruned one."""
+    torch.manual_seed(0)
+    net = nn.Sequential(LinearGroupNJ(100, 5), nn.ReLU(), LinearGroupNJ(5, 3))
+    _set_log_alpha(net[0], torch.linspace(-6.0, 2.0, 100)[torch.randperm(100)])
+    first = lambda m: next(x for x in m.modules() if isinstance(x, nn.Linear))  # noqa: E731
+    acc = lambda m: 1.0 if first(m).in_features >= 60 else 0.9 if first(m).in_features >= 37 else 0.0  # noqa: E731
+    kept = lambda t: compression.group_masks(net, t)[0].inputs  # noqa: E731
+    fresh = compression.search_thresholds(net, acc, max_drop=0.0)
+    assert int(kept(fresh).sum()) == 60
+    la = net[0].log_alpha.detach().sort().values
+    start = [((la[49] + la[50]) / 2).item(), 10.0]  # keeps the 50 inputs of smallest log alpha
+    again = compression.search_thresholds(net, acc, max_drop=0.0, start=start)
+    assert int(kept(again).sum()) == 37 and not (kept(again) & ~kept(start)).any()
+    assert compression.search_thresholds(net, acc, max_drop=0.0, start=[10.0, 10.0]) == fresh
+    with pytest.raises(ValueError, match="got 1 thresholds for 2 group layers"):
+        compression.search_thresholds(net, acc, start=[-3.0])
+
+
 @pytest.mark.parametrize("bad", ["000", -3.0, [-3, "a", -3], [True, -3, -3], None])
 def test_thresholds_must_be_numbers(bad):
     with pytest.raises(TypeError, match="list of numbers, one log-alpha value per group layer"):

@@ -187,7 +187,12 @@ def test_fast_finetune_stage_writes_its_section_and_reads_levels_back(tmp_path, 
     reproduce.main(["--fast", "--out", str(tmp_path), "--only", "lenet_300_100-nj", "--finetune"])
     r = json.loads((tmp_path / "lenet_300_100-nj.json").read_text())
     ft = r["finetuned"]
-    assert [p["max_drop"] for p in ft["points"]] == reproduce._finetune_settings("lenet_300_100", True)["budgets"]
+    s = reproduce._finetune_settings("lenet_300_100", True)
+    assert [p["max_drop"] for p in ft["points"]] == s["budgets"] + s["second_round"]
+    second = ft["points"][-1]  # pruned further from the best first-round level, never less
+    first = next(p for p in ft["points"] if "first_round" not in p and p["max_drop"] == second["first_round"])
+    assert all(a[0] <= b[0] and a[1] <= b[1] for a, b in zip(second["architecture"], first["architecture"]))
+    assert second["before"]["architecture"] == second["architecture"]
     assert all(p["epochs"] == ft["epochs"] == 1 and p["train_seconds"] > 0 for p in ft["points"])
     for p in ft["points"]:  # the fine-tuned net keeps exactly the groups pruned before it
         assert p["architecture"] == p["before"]["architecture"]
@@ -234,8 +239,15 @@ def test_shipped_finetuned_headline_reproduces_from_its_checkpoint(run, test_bat
     assert (meta["arch"], meta["prior"], meta["max_drop"]) == (r["arch"], r["prior"], head["max_drop"])
     assert meta["thresholds_before"] == head["before"]["thresholds"]
     shipped, _ = load_checkpoint(results_dir() / f"{run}.pt")
-    fixed = compression.group_masks(shipped, head["before"]["thresholds"])
-    assert finetune._same_masks(compression.group_masks(model, head["thresholds"]), fixed) is None
+    kept = compression.group_masks(model, head["thresholds"])
+    if "first_round" not in head:
+        fixed = compression.group_masks(shipped, head["before"]["thresholds"])
+        assert finetune._same_masks(kept, fixed) is None
+    else:  # a second-round level keeps a subset of the groups its first-round level kept
+        first = next(p for p in ft["points"] if "first_round" not in p and p["max_drop"] == head["first_round"])
+        fixed = compression.group_masks(shipped, first["before"]["thresholds"])
+        for a, b in zip(kept, fixed):
+            assert not (a.inputs.cpu() & ~b.inputs.cpu()).any() and not (a.outputs.cpu() & ~b.outputs.cpu()).any()
     report = compression.compression_report(model, head["thresholds"])
     assert [list(a) for a in report.architecture] == head["architecture"]
     assert [[b.exponent, b.significand] for b in report.bits] == head["bits"]
