@@ -256,8 +256,9 @@ def matched_table(results: list[Result]) -> str:
 
 def best_within(points: Sequence[Result], error: float) -> Optional[Result]:
     """The point of most compression after precision reduction among those with a test error
-    (after precision reduction) at most ``error``; ``None`` if there is none."""
-    within = [p for p in points if p["error_compressed"] <= error]
+    (after precision reduction) at most ``error`` (to 1e-9: 1.00 % of the test set may be
+    computed as 1.0000000000000009); ``None`` if there is none."""
+    within = [p for p in points if p["error_compressed"] <= error + 1e-9]
     return max(within, key=lambda p: (p["rate_precision"], -p["error_compressed"])) if within else None
 
 
@@ -314,23 +315,24 @@ BYTES_GOALS = {"lenet_300_100": (5000, 1.8), "lenet5_caffe": (1500, 1.0)}
 
 
 def quantized_table(results: list[Result]) -> str:
-    """Markdown: bits fitted to the data (``reproduce --quantize``, :mod:`bclib.quantize`), every budget
-    of every run, the headline marked, beside the KL of the fine-tuned posterior and the bytes goal;
-    for the headline also the test errors of its budget under other training seeds."""
-    rows = ["| run | budget (points) | test error % | held-out error % | coded bytes | bit-packed bytes | "
-            "KL bytes | precision rate | bits per layer (paper's rule) | goal | other seeds: error % |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    """Markdown: bits fitted to the data (``reproduce --quantize``, :mod:`bclib.quantize`), every
+    fine-tuned level and budget of every run, the headline marked, beside the KL of the level's
+    posterior and the bytes goal; for the headline also the test errors of its budget under
+    other training seeds."""
+    rows = ["| run | fine-tuned level: budget, pruning | budget (points) | test error % | held-out error % | "
+            "coded bytes | bit-packed bytes | KL bytes | precision rate | bits per layer | goal | "
+            "other seeds: error % |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
         q = r["quantized"]
         goal_bytes, goal_error = BYTES_GOALS.get(r["arch"], (None, None))
-        rule = " ".join(f"1+{e}+{s}" for e, s in q["bits_rule"])
         for i, p in enumerate(q["points"]):
             bits = " ".join(f"1+{e}+{s}" for e, s in p["bits"])
             seeds = " ".join(f"{o['error']:.2f}" for o in p.get("other_seeds", []))
             met = goal_bytes is not None and p["coded_bytes"] <= goal_bytes and p["error"] <= goal_error + 1e-9
             goal = "–" if goal_bytes is None else f"{'met' if met else 'missed'} ({goal_bytes:,} at {goal_error:g} %)"
+            level = _level_budget(p["finetuned_level"])
             rows.append(f"| {NET_NAMES[r['arch']]} {PRIOR_NAMES[r['prior']]}{' (headline)' if i == q['headline'] else ''} | "
-                        f"{100 * p['max_drop']:.1f} | {p['error']:.2f} | {p['held_out_error']:.2f} | "
-                        f"**{p['coded_bytes']:,}** | {p['bitpacked_bytes']:,} | {q['kl_bytes']:,.0f} | "
-                        f"{p['rate_precision']:.0f} | {bits} ({rule}) | {goal} | {seeds} |")  # fmt: skip
+                        f"{level}, {p['rate_pruning']:.1f}x | {100 * p['max_drop']:.1f} | {p['error']:.2f} | "
+                        f"{p['held_out_error']:.2f} | **{p['coded_bytes']:,}** | {p['bitpacked_bytes']:,} | "
+                        f"{p['kl_bytes']:,.0f} | {p['rate_precision']:.0f} | {bits} | {goal} | {seeds} |")  # fmt: skip
     return "\n".join(rows) + "\n"

@@ -154,8 +154,14 @@ def test_fast_quantize_stage_writes_its_section_and_file(tmp_path, monkeypatch) 
     reproduce.main(args + ["--quantize"])
     r = json.loads((tmp_path / "lenet_300_100-nj.json").read_text())
     q = r["quantized"]
-    assert [p["max_drop"] for p in q["points"]] == reproduce._quantize_settings("lenet_300_100", True)["budgets"]
+    qs = reproduce._quantize_settings("lenet_300_100", True)
+    ft = r["finetuned"]["points"]  # the fast margin takes every fine-tuned level, each at every budget
+    assert [(p["finetuned_level"], p["max_drop"]) for p in q["points"]] == [
+        ({k: f[k] for k in ("max_drop", "first_round") if k in f}, d) for f in ft for d in qs["budgets"]]
     head = q["points"][q["headline"]]
+    level = next(f for f in ft if f["max_drop"] == head["finetuned_level"]["max_drop"]
+                 and f.get("first_round") == head["finetuned_level"].get("first_round"))
+    assert q["thresholds"] == level["thresholds"] and head["rate_pruning"] == level["rate_pruning"]
     path = tmp_path / q["file"]
     assert path.stat().st_size == head["coded_bytes"]
     net = load_coded(path)
@@ -166,7 +172,7 @@ def test_fast_quantize_stage_writes_its_section_and_file(tmp_path, monkeypatch) 
         assert torch.equal(round_to_bits(layer.weight, e, s), layer.weight)
         assert torch.equal(round_to_bits(layer.bias, 8, q["bias_significand"]), layer.bias)
     assert all(b[0] + b[1] <= r0[0] + r0[1] for b, r0 in zip(head["bits"], q["bits_rule"]))
-    assert [o["seed"] for o in head["other_seeds"]] == reproduce._quantize_settings("lenet_300_100", True)["seeds"]
+    assert [o["seed"] for o in head["other_seeds"]] == qs["seeds"]
     first = path.read_bytes()
     reproduce.main(args + ["--quantize"])  # seeded: the same files again
     again = json.loads((tmp_path / "lenet_300_100-nj.json").read_text())["quantized"]
