@@ -585,8 +585,8 @@ def _run_all(runs: list[tuple[str, str]], out: Path, fast: bool, args: argparse.
                  "beside the shipped point, then every level:\n\n" + finetuned_table(with_finetuned))
     with_quantized = [r for r in all_results if "quantized" in r]
     if with_quantized:
-        text += ("\nBits fitted to the data on the fine-tuned headline (bclib.quantize; the entropy-coded file "
-                 "of each budget, read back):\n\n" + quantized_table(with_quantized))
+        text += ("\nBits fitted to the data on the fine-tuned levels near the paper's error (bclib.quantize; the "
+                 "entropy-coded file of each level and budget, read back):\n\n" + quantized_table(with_quantized))
     text += ("\nAt the largest budget, beside every row of the paper's table:\n\n" + table(all_results)
              + "\nThe error-compression trade-off:\n\n" + tradeoff_table(all_results))  # fmt: skip
     with_baselines = [r for r in all_results if "baselines" in r]

@@ -287,7 +287,7 @@ def finetuned_table(results: list[Result]) -> str:
         p = PAPER[(arch, prior)]
         name = f"{NET_NAMES[arch]} | {PRIOR_NAMES[prior]}"
         paper = f"{p['error']:g} / {_fmt(p['rate_pruning'])} / {p['rate_precision']:g}"
-        head = ft["points"][ft["headline"]]["max_drop"]
+        head = _level_budget(ft["points"][ft["headline"]])
         picks = [("shipped", nearest_to_paper(r)),
                  ("fine-tuned, nearest", nearest_to_paper({**r, "tradeoff": ft["points"]})),
                  (f"fine-tuned, most at <= {p['error']:g} %", best_within(ft["points"], p["error"]))]
@@ -295,7 +295,7 @@ def finetuned_table(results: list[Result]) -> str:
             if q is None:
                 rows.append(f"| {name} | {label} | – | none | – | – | – | – | {paper} |")
                 continue
-            label += " (headline)" if label != "shipped" and q["max_drop"] == head else ""
+            label += " (headline)" if label != "shipped" and _level_budget(q) == head else ""
             bits = " ".join(f"1+{e}+{s}" for e, s in q["bits"])
             rows.append(f"| {name} | {label} | {_level_budget(q)} | {q['error_compressed']:.2f} | "
                         f"{q['rate_pruning']:.1f} | {q['rate_precision']:.1f} | {kept_groups(dict(q, arch=arch))} | "
