@@ -66,6 +66,7 @@ def to_bayesian(
     tau0: float = 1e-5,
     keep_plain: Iterable[str] = (),
     strict: bool = False,
+    variance_dtype: Optional[torch.dtype] = None,
 ) -> nn.Module:
     """A copy of ``model`` with each ``nn.Linear`` and ``nn.Conv1d/2d/3d`` made a group layer.
 
@@ -81,6 +82,8 @@ def to_bayesian(
             converted (grouped or circular-padded convolutions, transposed convolutions,
             subclasses of ``nn.Linear`` such as attention's projections, embeddings, layers
             whose weights the surrounding code reads itself).
+        variance_dtype: the group layers' ``variance_dtype`` (:mod:`bclib.layers`), e.g.
+            ``torch.bfloat16`` for cheaper training products; None: the model's own type.
 
     The posterior means start at the plain weights and biases. Layers left plain are listed
     in a :class:`ConversionWarning` with the reason; a model with no layer to convert is a
@@ -113,7 +116,7 @@ def to_bayesian(
             if why is None and name in read_directly:
                 why = "the surrounding forward reads its weight directly"
             if why is None:
-                extra = {"clip_var": clip_var if first else None, "tau0": tau0}
+                extra = {"clip_var": clip_var if first else None, "tau0": tau0, "variance_dtype": variance_dtype}
                 setattr(parent, child_name, _group_layer(child, prior, **extra))
                 first = False
             elif why == "container":

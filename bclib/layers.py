@@ -11,6 +11,10 @@ uses the local reparameterisation trick (Kingma et al., 2015): ``z`` is drawn on
 example and the pre-activations, which are Gaussian given ``z``, are sampled instead of the
 weights. In ``eval()`` mode the layer is deterministic and uses the posterior means
 ``E[w] = E[z] mu``.
+
+``variance_dtype`` (an attribute, also a constructor argument) runs the training pass's
+variance path, which only scales the noise, in a cheaper type such as ``torch.bfloat16``
+(:mod:`bclib.lrt`); the means, the parameters and eval mode keep the layer's own type.
 """
 from __future__ import annotations
 
@@ -45,6 +49,8 @@ class BayesianGroupLayer(nn.Module):
         clip_var: if given, ``clip_variances()`` caps the weights' variance at this value.
         init_weight, init_bias: posterior means to start from (e.g. a pretrained net).
         tau0: the horseshoe's global scale hyper-parameter (ignored for "nj").
+        variance_dtype: floating type of the pre-activation variances' products in training
+            (e.g. ``torch.bfloat16``, faster where the hardware has it); None: the layer's type.
     """
 
     def __init__(
@@ -57,10 +63,15 @@ class BayesianGroupLayer(nn.Module):
         init_weight: Optional[torch.Tensor] = None,
         init_bias: Optional[torch.Tensor] = None,
         tau0: float = 1e-5,
+        variance_dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         if clip_var is not None and not clip_var > 0:
             raise ValueError(f"clip_var must be positive or None, got {clip_var}")
+        if variance_dtype is not None and not (isinstance(variance_dtype, torch.dtype) and variance_dtype.is_floating_point):
+            raise ValueError(f"variance_dtype must be a floating torch.dtype (e.g. torch.bfloat16) or None, "
+                             f"got {variance_dtype!r}")  # fmt: skip
+        self.variance_dtype = variance_dtype
         self.prior = prior
         self.group_dim = group_dim
         self.clip_var = clip_var
@@ -188,7 +199,8 @@ class LinearGroup(BayesianGroupLayer):
         z = self.sample_z(len(x2))
         eps = torch.randn(len(x2), self.out_features, device=x.device, dtype=x.dtype)
         with_kl = self.kl_terms is not None and self not in self.kl_terms
-        out, kl = linear_lrt(x2, z, self.weight_mu, self.weight_logvar, self.bias_mu, self.bias_logvar, eps, with_kl)
+        out, kl = linear_lrt(x2, z, self.weight_mu, self.weight_logvar, self.bias_mu, self.bias_logvar, eps, with_kl,
+                             self.variance_dtype)  # fmt: skip
         if with_kl:
             self.kl_terms[self] = self.scale.kl_divergence() + kl
         return out.view(*x.shape[:-1], self.out_features)
@@ -245,9 +257,15 @@ class ConvGroup(BayesianGroupLayer):
         if not self.training:
             w, b = self._eval_params()
             return self._apply_conv(x, w, b)
-        bias_var = None if self.bias_logvar is None else self.bias_logvar.exp()
         mean = self._apply_conv(x, self.weight_mu, self.bias_mu)
-        var = self._apply_conv(x.pow(2), self.weight_logvar.exp(), bias_var)
+        bias_var = None if self.bias_logvar is None else self.bias_logvar.exp()
+        vd = self.variance_dtype
+        if vd is None or vd == x.dtype:
+            var = self._apply_conv(x.pow(2), self.weight_logvar.exp(), bias_var)
+        else:
+            var = self._apply_conv(x.pow(2).to(vd), self.weight_logvar.exp().to(vd), None).to(x.dtype)
+            if bias_var is not None:
+                var = var + bias_var.view(-1, *([1] * self.dims))
         z = self.sample_z(x.shape[0]).view(x.shape[0], -1, *([1] * self.dims))
         return z * _sample_gaussian(mean, var)
 

@@ -15,6 +15,9 @@ and group for ``z``, one per pre-activation). ``(plain step - plain products + B
 products + noise) / plain step`` is the ratio a Bayesian step would reach if all its other
 work were free: a floor for any implementation on this machine. ``--profile`` adds, for the
 plain and the normal-Jeffreys step, the operators that take the most time (torch.profiler).
+The last row runs the normal-Jeffreys net's variance products in bfloat16 (``variance_dtype``,
+:mod:`bclib.lrt`); the floor is that of float32 products. Where the CPU has no native bfloat16
+(``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` is False) that row is slower, not faster.
 """
 from __future__ import annotations
 
@@ -85,13 +88,17 @@ def main() -> None:
     n = args.steps * args.batch_size
     x, y = torch.randn(n, 1, 28, 28), torch.randint(0, 10, (n,))
     batches = data.TensorBatches(x, y, args.batch_size, shuffle=True)
-    nets = {"plain": models.build(args.arch, None), "nj": models.build(args.arch, "nj"), "hs": models.build(args.arch, "hs")}
+    nets = {"plain": models.build(args.arch, None), "nj": models.build(args.arch, "nj"), "hs": models.build(args.arch, "hs"),
+            "nj, bfloat16 variances": models.build(args.arch, "nj")}  # fmt: skip
+    for layer in models.bayesian_layers(nets["nj, bfloat16 variances"]):
+        layer.variance_dtype = torch.bfloat16
     times: dict[str, list[float]] = {k: [] for k in nets}
     for _ in range(args.repeats + 1):  # the first round warms up
         for k, net in nets.items():
             times[k].append(time_steps(net, batches))
     med = {k: statistics.median(v[1:]) for k, v in times.items()}
-    print(f"{args.arch}, batch {args.batch_size}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"{args.arch}, batch {args.batch_size}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"native bfloat16: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}")
     print("| network | ms per step | ratio to plain | aten operators per step |\n| --- | --- | --- | --- |")
     for k, t in med.items():
         ops = aten_ops_per_step(nets[k], data.TensorBatches(x[: 10 * args.batch_size], y[: 10 * args.batch_size], args.batch_size))

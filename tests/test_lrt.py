@@ -78,3 +78,69 @@ def test_layer_used_twice_counts_its_kl_once():
 def test_forward_with_kl_of_a_plain_net_is_zero():
     _, kl_total = models.forward_with_kl(models.build("lenet_300_100", None), torch.randn(2, 1, 28, 28))
     assert kl_total == 0
+
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_bfloat16_variances_against_autograd(bias):
+    """The variance path in bfloat16: its noise term and every gradient within 1 % (norm-wise) of
+    float32 autograd; with no noise the output is float32's exactly (the mean path is untouched)."""
+    torch.manual_seed(0)
+    b, i, o = 64, 50, 30
+    args = [torch.randn(b, i), 1 + 0.1 * torch.randn(b, i), torch.randn(o, i) / 7, torch.randn(o, i) - 3,
+            torch.randn(o), torch.randn(o) - 3]  # fmt: skip
+    args = [a.requires_grad_() for a in args]
+    if not bias:
+        args[4:] = [None, None]
+    eps = torch.randn(b, o)
+    out, kl_w = linear_lrt(*args, eps, True, torch.bfloat16)
+    ref_out, ref_kl = _reference(*args, eps)
+    mean = _reference(*args, torch.zeros_like(eps))[0]
+    assert out.dtype == torch.float32
+    assert 0 < _rel_err(out - mean, ref_out - mean) < 1e-2  # bfloat16 did round, by little
+    torch.testing.assert_close(kl_w, ref_kl)
+    params = [a for a in args if a is not None]
+    g = torch.autograd.grad(out.pow(2).sum() + 3 * kl_w, params)
+    g_ref = torch.autograd.grad(ref_out.pow(2).sum() + 3 * ref_kl, params)
+    for a, r in zip(g, g_ref):
+        assert a.dtype == torch.float32 and _rel_err(a, r) < 1e-2
+    no_noise = linear_lrt(*args, torch.zeros_like(eps), False, torch.bfloat16)[0]
+    assert torch.equal(no_noise, linear_lrt(*args, torch.zeros_like(eps))[0])
+
+
+@pytest.mark.parametrize("arch", ["lenet_300_100", "lenet5_caffe"])
+def test_variance_dtype_of_whole_networks(arch):
+    """Linear and conv group layers with bfloat16 variances: the same training pass within 1 %, the
+    same gradients within 2 %, eval mode identical; to_bayesian sets it on every layer."""
+    torch.manual_seed(0)
+    plain = models.build(arch, None)
+    nets = []
+    for dt in (None, torch.bfloat16):
+        torch.manual_seed(1)  # the same initial posterior
+        nets.append(models.to_bayesian(plain, "nj", variance_dtype=dt))
+    assert all(layer.variance_dtype == torch.bfloat16 for layer in models.bayesian_layers(nets[1]))
+    x = torch.randn(16, 1, 28, 28)
+    outs, grads = [], []
+    for net in nets:
+        torch.manual_seed(1)
+        logits, kl_total = models.forward_with_kl(net.train(), x)
+        (logits.pow(2).sum() + kl_total).backward()
+        outs.append(logits)
+        grads.append([p.grad for p in net.parameters()])
+    assert 0 < _rel_err(outs[1], outs[0]) < 1e-2
+    for a, r in zip(*grads):
+        assert _rel_err(a, r) < 2e-2
+    with torch.no_grad():
+        assert torch.equal(nets[0].eval()(x), nets[1].eval()(x))
+
+
+def test_variance_dtype_must_be_a_floating_type():
+    with pytest.raises(ValueError, match="variance_dtype must be a floating torch.dtype"):
+        layers.LinearGroupNJ(3, 2, variance_dtype=torch.int8)
+    with pytest.raises(ValueError, match="variance_dtype must be a floating torch.dtype"):
+        layers.Conv2dGroupNJ(1, 2, 3, variance_dtype="bfloat16")
