@@ -204,7 +204,7 @@ def test_fast_finetune_stage_writes_its_section_and_reads_levels_back(tmp_path, 
     assert "Fine-tuned after pruning" in table and "| LeNet-300-100 | BC-GNJ | fine-tuned, nearest" in table
     assert "(headline) |" in table
     states = sorted((tmp_path / "state" / "finetune").glob("*.state.pt"))
-    assert len(states) == len(ft["points"])
+    assert len(states) == len(ft["points"]) + len(s["seeds"])  # the headline again with each other seed
     for path in states:
         path.unlink()
     reproduce.main(["--fast", "--out", str(tmp_path), "--only", "lenet_300_100-nj", "--finetune"])

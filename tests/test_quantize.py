@@ -156,6 +156,10 @@ def test_fast_quantize_stage_writes_its_section_and_file(tmp_path, monkeypatch) 
     q = r["quantized"]
     qs = reproduce._quantize_settings("lenet_300_100", True)
     ft = r["finetuned"]["points"]  # the fast margin takes every fine-tuned level, each at every budget
+    ft_head = ft[r["finetuned"]["headline"]]  # fine-tuned again with seed 2: the same level, its own error
+    assert [o["seed"] for o in ft_head["other_seeds"]] == [2]
+    assert all(o["architecture"] == ft_head["architecture"] and o["rate_pruning"] == ft_head["rate_pruning"]
+               for o in ft_head["other_seeds"])  # fmt: skip
     assert [(p["finetuned_level"], p["max_drop"]) for p in q["points"]] == [
         ({k: f[k] for k in ("max_drop", "first_round") if k in f}, d) for f in ft for d in qs["budgets"]]
     head = q["points"][q["headline"]]
