@@ -7,6 +7,7 @@ Modules: ``layers`` (group layers, the prior an argument), ``scales`` (the prior
 with it), ``compression`` (masks, bit precision, rates, ``prune``), ``baselines`` (other
 rankings and fixed thresholds), ``finetune`` (training on with the pruned groups held at 0),
 ``quantize`` (bit widths searched on held-out data, training through the rounding),
+``rate_aware`` (each weight rounded to the value cheapest to code within its posterior),
 ``cost`` (multiply-adds, activations, timing), ``runtime`` (faster inference: onnxruntime, or
 exact rewrites for eager PyTorch), ``export`` (the pruned net
 as a bit-packed file or ONNX), ``load_compressed`` (the bit-packed file's stand-alone

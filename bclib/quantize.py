@@ -53,6 +53,18 @@ def train_on_grid(net: nn.Module, bits: Sequence[LayerBits], train_batches: Batc
     Adam at ``lr`` falling linearly to 0 over all steps; ``net`` is left unchanged. The copy
     keeps float weights: store ``quantized(copy, bits)``.
     """
+    return train_through(net, bits, train_batches, epochs, lr, lambda i, layer: _OnGrid(bits[i]))
+
+
+def train_through(net: nn.Module, bits: Sequence[LayerBits], train_batches: Batches, epochs: int, lr: float,
+                  rounding: Callable[[int, nn.Module], nn.Module],
+                  after_epoch: Optional[Callable[[list[tuple[int, nn.Module]]], None]] = None) -> nn.Module:  # fmt: skip
+    """The training loop of :func:`train_on_grid` through any rounding.
+
+    ``rounding(i, layer)`` gives the parametrization of former group layer ``i``'s weight (its
+    forward rounds, its gradient is the identity); ``after_epoch`` sees the ``(i, layer)`` pairs
+    after every epoch. Returns the trained copy with its float weights.
+    """
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
         raise ValueError(f"epochs must be a whole number >= 0, got {epochs!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
@@ -62,9 +74,9 @@ def train_on_grid(net: nn.Module, bits: Sequence[LayerBits], train_batches: Batc
     check_bits(bits, layers)
     if epochs == 0:
         return out.eval()
-    grids = [(layer, b) for layer, b in zip(layers, bits) if layer.weight.numel()]
-    for layer, b in grids:
-        parametrize.register_parametrization(layer, "weight", _OnGrid(b))
+    grids = [(i, layer) for i, layer in enumerate(layers) if layer.weight.numel()]
+    for i, layer in grids:
+        parametrize.register_parametrization(layer, "weight", rounding(i, layer))
     try:
         steps = epochs * len(train_batches)  # type: ignore[arg-type]
         opt = torch.optim.Adam(out.parameters(), lr=lr)
@@ -77,8 +89,10 @@ def train_on_grid(net: nn.Module, bits: Sequence[LayerBits], train_batches: Batc
                 loss.backward()
                 opt.step()
                 sched.step()
+            if after_epoch is not None:
+                after_epoch(grids)
     finally:
-        for layer, _ in grids:
+        for _, layer in grids:
             parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
     return out.eval()
 

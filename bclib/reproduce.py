@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import baselines, coded, compression, data, distributed, export, finetune, models, quantize
+from . import baselines, coded, compression, data, distributed, export, finetune, models, quantize, rate_aware
 from .atomic import atomic_write
 from .compression import quantized
 from .config import default_device, fast_mode, seed_everything
@@ -427,10 +427,16 @@ def finetune_run(arch: str, prior: str, out: Path) -> dict[str, Any]:
 
 
 def _quantize_level(model: nn.Module, t: list[float], bits: list[compression.LayerBits], max_drop: float,
-                    s: dict[str, Any], seed: int, batches: tuple, path: Path) -> dict[str, Any]:  # fmt: skip
+                    s: dict[str, Any], seed: int, batches: tuple, path: Path,
+                    lams: tuple[float, ...] = ()) -> dict[str, Any]:  # fmt: skip
     """One budget of the bit search: fitted bits, the coded file written to ``path`` and read back
-    for its held-out and test errors, code lengths by part, rate after precision reduction."""
-    train_b, val_b, test_b = batches
+    for its held-out and test errors, code lengths by part, rate after precision reduction.
+
+    Each ``lams`` value adds a point of the same fitted bits, trained ``s["epochs"]`` more
+    through :mod:`bclib.rate_aware` rounding from the fitted net (file ``<path>-lam<lam>.bc``),
+    under ``rate_aware``.
+    """
+    train_b, val_b, _ = batches
     x = _example_input(val_b)
     pruned = compression.prune(model, t, x)
     t0 = time.perf_counter()
@@ -439,19 +445,39 @@ def _quantize_level(model: nn.Module, t: list[float], bits: list[compression.Lay
     net, fitted = quantize.fit_bits(pruned, bits, lambda n: evaluate(n, val_b), train_b, max_drop, rounds=s["rounds"],
                                     epochs=s["epochs"], lr=s["lr"])  # fmt: skip
     seconds = time.perf_counter() - t0
-    stored = quantized(net, fitted, quantize.BIAS_SIGNIFICAND).cpu()
-    enc = coded.encode_network(stored, fitted)
+    point = {"max_drop": max_drop, "bits": [[b.exponent, b.significand] for b in fitted],
+             **_coded_point(model, t, quantized(net, fitted, quantize.BIAS_SIGNIFICAND).cpu(), fitted, batches, path),
+             "seconds": seconds}  # fmt: skip
+    if lams:
+        std = rate_aware.kept_posterior_std(model, t, x)
+        point["rate_aware"] = []
+    for lam in lams:
+        t0 = time.perf_counter()
+        torch.manual_seed(seed)
+        train_b.generator.manual_seed(seed)
+        trained = rate_aware.train_rate_aware(net, fitted, std, lam, train_b, s["epochs"], s["lr"])
+        stored = rate_aware.rate_aware_quantized(trained, fitted, std, lam, quantize.BIAS_SIGNIFICAND).cpu()
+        file = path.with_name(f"{path.stem}-lam{lam:g}.bc")
+        point["rate_aware"].append({"lam": lam, **_coded_point(model, t, stored, fitted, batches, file),
+                                    "seconds": time.perf_counter() - t0})  # fmt: skip
+    return point
+
+
+def _coded_point(model: nn.Module, t: list[float], stored: nn.Module, bits: list[compression.LayerBits],
+                 batches: tuple, path: Path) -> dict[str, Any]:  # fmt: skip
+    """The coded (and bit-packed) file of ``stored`` at ``path``, read back: errors, bytes, bits by part."""
+    _, val_b, test_b = batches
+    x = _example_input(val_b)
+    enc = coded.encode_network(stored, bits)
     atomic_write(path, lambda f: f.write(enc.data))
-    packed = export.write_quantized(stored, fitted, path.with_suffix(".bclb"))
+    packed = export.write_quantized(stored, bits, path.with_suffix(".bclb"))
     decoded = load_coded(path).to(x.device)
     report = compression.compression_report(model, t, x)
-    return {"max_drop": max_drop, "bits": [[b.exponent, b.significand] for b in fitted],
-            "rate_precision": compression.FLOAT_BITS * report.weights_before / sum(l.fixed_bits for l in enc.layers),
+    return {"rate_precision": compression.FLOAT_BITS * report.weights_before / sum(l.fixed_bits for l in enc.layers),
             "held_out_error": _error(decoded, val_b), "error": _error(decoded, test_b), "coded_bytes": enc.size,
             "bitpacked_bytes": packed, "coded_parts_bits": {"weights": sum(l.weight_bits for l in enc.layers),
                                  "biases": sum(l.bias_bits for l in enc.layers), "masks": enc.mask_bits,
-                                 "header_and_spec": 8 * (enc.size - enc.stream_bytes)},
-            "seconds": seconds}  # fmt: skip
+                                 "header_and_spec": 8 * (enc.size - enc.stream_bytes)}}  # fmt: skip
 
 
 def quantize_run(arch: str, prior: str, out: Path) -> dict[str, Any]:

@@ -26,6 +26,8 @@ def main() -> None:
     ap.add_argument("arch", choices=["lenet_300_100", "lenet5_caffe"])
     ap.add_argument("prior", choices=["nj", "hs"])
     ap.add_argument("level", help="fine-tuning level, e.g. 0.02 or 0.02+0.005 (see results/table.md)")
+    ap.add_argument("--lam", type=float, nargs="*", default=[],
+                    help="also rate-aware rounding (bclib.rate_aware) at these lam, e.g. 3 6 12")
     ap.add_argument("--out", type=Path, default=Path("results-levels"), help="coded files and point JSON")
     args = ap.parse_args()
     _, _, res = reproduce._finished(args.arch, args.prior, results_dir(), "tools/quantize_level.py")
@@ -44,10 +46,14 @@ def main() -> None:
           f"x{level['rate_pruning']:.1f} pruning", flush=True)  # fmt: skip
     points = []
     for d in s["budgets"]:
-        p = reproduce._quantize_level(model, level["thresholds"], bits, d, s, res["seed"], batches, out / f"{d:g}.bc")
+        p = reproduce._quantize_level(model, level["thresholds"], bits, d, s, res["seed"], batches, out / f"{d:g}.bc",
+                                      tuple(args.lam))  # fmt: skip
         points.append(p)
         print(f"  budget {d:g}: {p['coded_bytes']:,} bytes, test error {p['error']:.2f} % (held-out "
               f"{p['held_out_error']:.2f} %), bits {p['bits']}", flush=True)  # fmt: skip
+        for r in p.get("rate_aware", []):
+            print(f"    rate-aware, lam {r['lam']:g}: {r['coded_bytes']:,} bytes, test error {r['error']:.2f} % "
+                  f"(held-out {r['held_out_error']:.2f} %)", flush=True)  # fmt: skip
     reproduce._atomic_json({"level": level, "points": points}, out / "points.json")
 
 
