@@ -67,7 +67,9 @@ def time_forward(nets: dict[str, nn.Module], x: torch.Tensor, repeats: int = 30,
     """Median milliseconds per forward pass of each net on ``x``, under ``torch.inference_mode``.
 
     The nets alternate within each repeat, so a drift of the machine's speed hits them alike:
-    compare the times of one call (ratios), not times from different calls.
+    compare the times of one call (ratios), not times from different calls. Each timed sample
+    follows an untimed pass of the same net, so it finds the caches as a loop over batches
+    would, not as the previous net left them.
     """
     inner = max(1, 64 // len(x))  # several calls per sample for tiny batches
     samples: dict[str, list[float]] = {k: [] for k in nets}
@@ -77,6 +79,7 @@ def time_forward(nets: dict[str, nn.Module], x: torch.Tensor, repeats: int = 30,
                 net(x)
         for _ in range(repeats):
             for name, net in nets.items():
+                net(x)
                 t0 = time.perf_counter()
                 for _ in range(inner):
                     net(x)

@@ -11,8 +11,10 @@ For each shipped Bayesian checkpoint ``results/<arch>-<prior>.pt`` whose run has
   ``bclib.load_compressed`` (weights rounded to the report's bits).
 
 The dense and the pruned net also run rewritten for eager PyTorch (``bclib.runtime.faster_eager``:
-2x2 max pools as maxima of strided views) and in onnxruntime (``bclib.runtime.OnnxRuntimeNet``,
-as many threads). Timings are medians over ``--repeats`` interleaved runs after a warm-up, under
+2x2 max pools as maxima of strided views, layers called as functions, ReLU in place; bit for bit
+the same), rewritten so with their hidden fully connected widths padded to multiples of 16
+(``faster_eager x16``: the same to float rounding) and in onnxruntime
+(``bclib.runtime.OnnxRuntimeNet``, as many threads). Timings are medians over ``--repeats`` interleaved runs after a warm-up, under
 ``torch.inference_mode``; speed-ups are dense time / compressed time from the same run and the
 same runtime, set beside the ratio of multiply-adds (MACs) of the linear and conv layers and
 the ratio of their activations (values written, which ReLU and pooling read: ``cost.activations``).
@@ -54,7 +56,9 @@ FALLBACK_PRUNED = {"lenet_300_100": [1 - 278 / 784, 1 - 98 / 300, 1 - 13 / 100],
                    "lenet5_caffe": [1 - 8 / 20, 1 - 13 / 50, 1 - 88 / 208, 1 - 13 / 500]}  # fmt: skip
 WEIGHTED = (nn.Linear, nn.Conv2d)
 # Other ways to run the dense and the pruned net: name -> f(net, example input, threads).
-RUNTIMES = {"faster_eager": lambda net, x, threads: faster_eager(net), "onnxruntime": OnnxRuntimeNet}
+RUNTIMES = {"faster_eager": lambda net, x, threads: faster_eager(net),
+            "faster_eager x16": lambda net, x, threads: faster_eager(net, width_multiple=16),
+            "onnxruntime": OnnxRuntimeNet}  # fmt: skip
 
 
 @dataclass

@@ -112,3 +112,78 @@ def test_faster_eager_on_a_pruned_lenet_saves_and_loads_without_bclib(tmp_path):
             f"print(net(torch.load({str(tmp_path / 'x.pt')!r})).shape)")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "torch.Size([5, 10])"
+
+
+@pytest.mark.parametrize("arch", ["lenet_300_100", "lenet5_caffe"])
+def test_faster_eager_calls_functions_not_modules_and_stays_exact(arch):
+    net = _pruned(arch)
+    fast = faster_eager(net)
+    assert not [n for n in fast.graph.nodes if n.op == "call_module"]
+    assert any(n.target is torch.relu_ for n in fast.graph.nodes)
+    for batch in (1, 7, 64):
+        x = torch.randn(batch, 1, 28, 28)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), net(x), rtol=0, atol=0)
+
+
+def test_faster_eager_never_overwrites_the_input_or_a_shared_tensor():
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.fc(torch.relu(x))  # the input: not in place
+            return torch.relu(h) + h  # h has two uses: not in place
+
+    torch.manual_seed(0)
+    net, x = Shared().eval(), torch.randn(3, 4)
+    x0, fast = x.clone(), faster_eager(net)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), net(x), rtol=0, atol=0)
+    assert torch.equal(x, x0)
+    assert not any(n.target is torch.relu_ for n in fast.graph.nodes)
+
+
+def test_width_multiple_pads_hidden_layers_with_zero_units():
+    net = _pruned("lenet_300_100")
+    widths = [m.out_features for m in net.modules() if isinstance(m, nn.Linear)]
+    assert any(w % 16 for w in widths[:-1])  # the test needs an odd hidden width to pad
+    fast = faster_eager(net, width_multiple=16)
+    padded = [m.out_features for m in fast.modules() if isinstance(m, nn.Linear)]
+    assert padded == [-(-w // 16) * 16 for w in widths[:-1]] + widths[-1:]  # the output layer keeps its width
+    x = torch.randn(64, 1, 28, 28)
+    with torch.no_grad():
+        want, got = net(x), fast(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # float rounding only
+    assert torch.equal(got.argmax(1), want.argmax(1))
+
+
+def test_width_multiple_leaves_layers_whose_output_goes_elsewhere():
+    class Branch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(3, 5), nn.Linear(5, 5), nn.Linear(5, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x)
+            return self.c(torch.sigmoid(self.b(h)) + h)  # a feeds b and the sum; b feeds a sigmoid
+
+    net = Branch().eval()
+    fast = faster_eager(net, width_multiple=4)
+    assert [m.out_features for m in fast.modules() if isinstance(m, nn.Linear)] == [5, 5, 2]
+    x = torch.randn(2, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), net(x), rtol=0, atol=0)
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="width_multiple must be a whole number >= 1"):
+            faster_eager(net, width_multiple=bad)
+
+
+def test_width_multiple_leaves_a_layer_used_twice():
+    fc = nn.Linear(5, 5)
+    net = nn.Sequential(fc, nn.ReLU(), fc).eval()
+    fast = faster_eager(net, width_multiple=4)
+    x = torch.randn(2, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), net(x), rtol=0, atol=0)
