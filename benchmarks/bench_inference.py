@@ -13,7 +13,8 @@ For each shipped Bayesian checkpoint ``results/<arch>-<prior>.pt`` whose run has
 The dense and the pruned net also run rewritten for eager PyTorch (``bclib.runtime.faster_eager``:
 2x2 max pools as maxima of strided views, layers called as functions, ReLU in place; bit for bit
 the same), rewritten so with their hidden fully connected widths padded to multiples of 16
-(``faster_eager x16``: the same to float rounding) and in onnxruntime
+(``faster_eager x16``: the same to float rounding), rewritten and run on slices of 128
+examples (``bclib.runtime.InChunks``: activations that stay in cache) and in onnxruntime
 (``bclib.runtime.OnnxRuntimeNet``, as many threads). Timings are medians over ``--repeats`` interleaved runs after a warm-up, under
 ``torch.inference_mode``; speed-ups are dense time / compressed time from the same run and the
 same runtime, set beside the ratio of multiply-adds (MACs) of the linear and conv layers and
@@ -45,7 +46,7 @@ from bclib.config import results_dir
 from bclib.data import load_mnist
 from bclib.export import export_compressed
 from bclib.load_compressed import load_compressed
-from bclib.runtime import OnnxRuntimeNet, faster_eager
+from bclib.runtime import InChunks, OnnxRuntimeNet, faster_eager
 from bclib.train import load_checkpoint
 
 BATCH_SIZES = (1, 64, 1024)
@@ -58,6 +59,7 @@ WEIGHTED = (nn.Linear, nn.Conv2d)
 # Other ways to run the dense and the pruned net: name -> f(net, example input, threads).
 RUNTIMES = {"faster_eager": lambda net, x, threads: faster_eager(net),
             "faster_eager x16": lambda net, x, threads: faster_eager(net, width_multiple=16),
+            "faster_eager in slices": lambda net, x, threads: InChunks(faster_eager(net), 128),
             "onnxruntime": OnnxRuntimeNet}  # fmt: skip
 
 

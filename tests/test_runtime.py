@@ -15,7 +15,7 @@ from bclib.compression import dense, prune
 from bclib.export import export_onnx
 from bclib.testing import sparsify
 
-from bclib.runtime import OnnxRuntimeNet, faster_eager
+from bclib.runtime import InChunks, OnnxRuntimeNet, faster_eager
 
 needs_onnxruntime = pytest.mark.skipif(
     not all(importlib.util.find_spec(m) for m in ("onnxscript", "onnxruntime")),
@@ -187,3 +187,28 @@ def test_width_multiple_leaves_a_layer_used_twice():
     x = torch.randn(2, 5)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), net(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["lenet_300_100", "lenet5_caffe"])
+def test_in_chunks_gives_the_whole_batch_outputs(arch):
+    net = faster_eager(_pruned(arch))
+    chunked = InChunks(net, size=16)
+    for batch in (5, 16, 50):  # one slice, exactly one, and a ragged last one
+        x = torch.randn(batch, 1, 28, 28)
+        with torch.no_grad():
+            want, got = net(x), chunked(x)
+        exact = batch <= 16  # a single slice is the net's own call; others may take other kernels
+        torch.testing.assert_close(got, want, rtol=0 if exact else 1e-5, atol=0 if exact else 1e-6)
+
+
+def test_in_chunks_bad_input_is_a_clear_error():
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="size must be a whole number >= 1"):
+            InChunks(nn.Identity(), bad)
+
+    class Pair(nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return x, x
+
+    with pytest.raises(TypeError, match="returns one tensor, this one returns tuple"):
+        InChunks(Pair(), 2)(torch.zeros(3, 1))
