@@ -200,7 +200,7 @@ def _pools_to_maxima(gm: torch.fx.GraphModule) -> None:
 def _pad_widths(gm: torch.fx.GraphModule, multiple: int) -> None:
     """Zero units up to ``multiple`` for each ``nn.Linear`` that feeds (through a ReLU) only an ``nn.Linear``."""
     calls = collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
-    # A layer called once (a shared one would change at every use) with a Linear module.
+    # Only a Linear called once: padding one used twice would change its other use.
     linear = lambda n: n.op == "call_module" and calls[n.target] == 1 and type(gm.get_submodule(n.target)) is nn.Linear  # noqa: E731
     for node in list(gm.graph.nodes):
         if not linear(node) or len(node.users) != 1:

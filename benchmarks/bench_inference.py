@@ -15,9 +15,9 @@ The dense and the pruned net also run rewritten for eager PyTorch (``bclib.runti
 the same), rewritten so with their hidden fully connected widths padded to multiples of 16
 (``faster_eager x16``: the same to float rounding), rewritten and run on slices of 128
 examples (``bclib.runtime.InChunks``: activations that stay in cache) and in onnxruntime
-(``bclib.runtime.OnnxRuntimeNet``, as many threads). Timings are medians over ``--repeats`` interleaved runs after a warm-up, under
-``torch.inference_mode``; speed-ups are dense time / compressed time from the same run and the
-same runtime, set beside the ratio of multiply-adds (MACs) of the linear and conv layers and
+(``bclib.runtime.OnnxRuntimeNet``, as many threads). Timings are medians over ``--repeats``
+interleaved runs after a warm-up, under ``torch.inference_mode``; speed-ups are dense time /
+compressed time from the same run and the same runtime, set beside the ratio of multiply-adds (MACs) of the linear and conv layers and
 the ratio of their activations (values written, which ReLU and pooling read: ``cost.activations``).
 ``--profile`` lists where the pruned net's time goes in eager PyTorch at the largest batch. Sizes: the
 dense float32 state (weights + biases), the compressed file, the achieved rate (dense
