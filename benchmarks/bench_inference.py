@@ -19,7 +19,9 @@ examples (``bclib.runtime.InChunks``: activations that stay in cache) and in onn
 interleaved runs after a warm-up, under ``torch.inference_mode``; speed-ups are dense time /
 compressed time from the same run and the same runtime, set beside the ratio of multiply-adds (MACs) of the linear and conv layers and
 the ratio of their activations (values written, which ReLU and pooling read: ``cost.activations``).
-``--profile`` lists where the pruned net's time goes in eager PyTorch at the largest batch. Sizes: the
+``--profile`` lists where the pruned net's time goes at the largest batch, in eager PyTorch as
+``prune`` builds it and after ``faster_eager(net, width_multiple=16)``; ``--compile`` adds
+``torch.compile`` (inductor, static shapes) of the ``faster_eager`` nets as a runtime. Sizes: the
 dense float32 state (weights + biases), the compressed file, the achieved rate (dense
 weight bytes / file bytes) and ``compression_report``'s theoretical ``rate_precision``
 (weights only, no header, spec or biases). Test errors on MNIST need ``BCLIB_DATA``.
@@ -34,7 +36,7 @@ import platform
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -61,6 +63,7 @@ RUNTIMES = {"faster_eager": lambda net, x, threads: faster_eager(net),
             "faster_eager x16": lambda net, x, threads: faster_eager(net, width_multiple=16),
             "faster_eager in slices": lambda net, x, threads: InChunks(faster_eager(net), 128),
             "onnxruntime": OnnxRuntimeNet}  # fmt: skip
+COMPILED = {"torch.compile": lambda net, x, threads: torch.compile(faster_eager(net), dynamic=False)}  # --compile
 
 
 @dataclass
@@ -133,7 +136,7 @@ def test_error(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def benchmark(case: Case, repeats: int, threads: int, mnist: Optional[tuple[torch.Tensor, torch.Tensor]],
-              tmp: Path) -> Row:  # fmt: skip
+              tmp: Path, runtimes: dict = RUNTIMES) -> Row:  # fmt: skip
     report = compression_report(case.model, case.thresholds)
     dense, pruned = compression.dense(case.model), prune(case.model, case.thresholds)
     path = tmp / f"{case.name}.bclb"
@@ -153,14 +156,14 @@ def benchmark(case: Case, repeats: int, threads: int, mnist: Optional[tuple[torc
         row.error_reloaded = test_error(reloaded, *mnist)
         row.error_quantized = test_error(quantized(pruned, report.bits), *mnist)
     nets = {"dense": dense, "pruned": pruned, "reloaded": reloaded}
-    for runtime, make in RUNTIMES.items():
+    for runtime, make in runtimes.items():
         nets[f"dense {runtime}"], nets[f"pruned {runtime}"] = make(dense, one, threads), make(pruned, one, threads)
     for b in BATCH_SIZES:
         row.timings_ms[b] = cost.time_forward(nets, torch.randn(b, 1, 28, 28), repeats)
     return row
 
 
-def markdown(rows: list[Row]) -> str:
+def markdown(rows: list[Row], others: Sequence[str] = tuple(RUNTIMES)) -> str:
     err = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     out = ["| model | kept (in x out per layer) | MACs dense / compressed | dense state bytes | file bytes "
            "| achieved rate | theoretical rate_precision | test error % reloaded / quantized |",
@@ -169,24 +172,26 @@ def markdown(rows: list[Row]) -> str:
         out.append(f"| {r.name} | {r.architecture} | {r.macs_dense:,} / {r.macs_compressed:,} (x{r.mac_ratio:.1f}) | "
                    f"{r.dense_state_bytes:,} | {r.file_bytes:,} | x{r.rate_achieved:.1f} | x{r.rate_precision:.1f} | "
                    f"{err(r.error_reloaded)} / {err(r.error_quantized)} |")  # fmt: skip
-    runtimes = ["eager", *RUNTIMES]
+    runtimes = ["eager", *others]
     out += ["", f"Runtimes: {', '.join(runtimes)}; speed-up = dense time / pruned time in the same runtime.", "",
             f"| model | batch | dense ms ({' / '.join(runtimes)}) | pruned ms | reloaded ms (eager) "
             "| speed-up | MAC ratio | activation ratio |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for r in rows:
         for b, t in r.timings_ms.items():
-            d = [t["dense"]] + [t[f"dense {k}"] for k in RUNTIMES]
-            p = [t["pruned"]] + [t[f"pruned {k}"] for k in RUNTIMES]
+            d = [t["dense"]] + [t[f"dense {k}"] for k in others]
+            p = [t["pruned"]] + [t[f"pruned {k}"] for k in others]
             out.append(f"| {r.name} | {b} | {' / '.join(f'{v:.3f}' for v in d)} | {' / '.join(f'{v:.3f}' for v in p)} | "
                        f"{t['reloaded']:.3f} | {' / '.join(f'x{u / v:.2f}' for u, v in zip(d, p))} | "
                        f"x{r.mac_ratio:.1f} | x{r.activation_ratio:.1f} |")  # fmt: skip
     return "\n".join(out)
 
 
-def profile_pruned(case: Case, batch: int, rows: int = 8) -> str:
+def profile_pruned(case: Case, batch: int, padded: bool = False, rows: int = 8) -> str:
     """torch.profiler's table of the pruned net's costliest operators at ``batch`` (eager PyTorch)."""
     net, x = prune(case.model, case.thresholds), torch.randn(batch, 1, 28, 28)
+    if padded:
+        net = faster_eager(net, width_multiple=16)
     with torch.inference_mode():
         net(x)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -210,22 +215,26 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--results", type=Path, default=results_dir(), help="folder of the shipped runs")
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers to this JSON file")
     ap.add_argument("--profile", action="store_true", help="also list the pruned nets' costliest operators at batch 1024")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile of the faster_eager nets")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cases = shipped_cases(args.results)
     mnist = mnist_test_set()
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [benchmark(c, args.repeats, args.threads, mnist, Path(tmp)) for c in cases]
+        runtimes = {**RUNTIMES, **(COMPILED if args.compile else {})}
+        rows = [benchmark(c, args.repeats, args.threads, mnist, Path(tmp), runtimes) for c in cases]
     print(f"torch {torch.__version__}, {args.threads} thread(s), {platform.processor() or platform.machine()}, "
           f"median of {args.repeats} runs\n")  # fmt: skip
     for r in rows:
         print(f"- {r.name}: {r.source}")
     print()
-    print(markdown(rows))
+    print(markdown(rows, list(runtimes)))
     if args.profile:
         for c in cases:
-            print(f"\n{c.name}, pruned, eager, batch {BATCH_SIZES[-1]}: operators by self CPU time over 10 passes")
-            print(profile_pruned(c, BATCH_SIZES[-1]))
+            for padded in (False, True):
+                how = "faster_eager(net, width_multiple=16)" if padded else "eager"
+                print(f"\n{c.name}, pruned, {how}, batch {BATCH_SIZES[-1]}: operators by self CPU time over 10 passes")
+                print(profile_pruned(c, BATCH_SIZES[-1], padded))
     if args.json is not None:
         settings = {"threads": args.threads, "repeats": args.repeats, "torch": torch.__version__}
         text = json.dumps({"settings": settings, "rows": [asdict(r) for r in rows]}, indent=2)
