@@ -12,13 +12,14 @@ the arithmetic further down:
 The network goes through :func:`bclib.export.export_onnx` (BatchNorm folded, dynamic batch);
 ``OnnxRuntimeNet.load(path)`` runs an ONNX file written by it. :func:`faster_eager` rewrites a
 net for eager PyTorch instead, where max pooling costs about as much as the convolutions, and
-:class:`InChunks` runs a convolutional net on cache-sized slices of a large batch.
+:class:`InChunks` runs a convolutional net on slices of a large batch.
 ``benchmarks/bench_inference.py`` measures all three ways.
 """
 from __future__ import annotations
 
 import collections
 import copy
+import functools
 import importlib.util
 import operator
 import tempfile
@@ -112,8 +113,9 @@ def faster_eager(net: nn.Module, width_multiple: int = 1) -> torch.fx.GraphModul
     - a ReLU whose only use is such a pool moves after it: ``relu(max(a, b)) = max(relu(a),
       relu(b))``, on a quarter of the values;
     - ``nn.Linear``, ``nn.Conv{1,2,3}d`` (zero padding), ``nn.Flatten`` and ``nn.ReLU`` modules
-      become calls of their functions, which skips the module call's fixed price (a few
-      microseconds each, more than a small pruned layer's arithmetic at batch 1);
+      become calls of their functions, with their weights and biases as attributes of the
+      result (``"1.weight"`` becomes ``"1_weight"``), which skips the module call's fixed price
+      (a few microseconds each, more than a small pruned layer's arithmetic at batch 1);
     - a ReLU whose input is the fresh output of a layer or pool used nowhere else runs in place
       (``torch.relu_``): no new tensor to allocate.
 
@@ -143,15 +145,20 @@ def faster_eager(net: nn.Module, width_multiple: int = 1) -> torch.fx.GraphModul
 class InChunks(nn.Module):
     """``net`` run on slices of at most ``size`` examples of each batch, the outputs concatenated.
 
-    A convolutional net's activations at a large batch outgrow the CPU's caches: LeNet-5-Caffe's
-    first convolution writes 16 MB at batch 1,024, and both it and the pooling that reads it back
-    then run from main memory. On slices of 128 examples they stay in cache, which made the
-    ``faster_eager`` pruned LeNet-5-Caffe 2.8-2.9x faster at batch 1,024 (``bench_inference.py``).
-    Examples are independent in eval mode, so the outputs are those of ``net`` on the whole
-    batch, to float rounding: a slice of another size can take another matrix kernel (bit for
-    bit for the shipped LeNet-5-Caffe nets at batch 1,024 in slices of 128; a ragged last slice
-    of 2 examples differed by a unit in the last place). A fully connected net gains nothing:
-    its matrix products run best on the whole batch.
+    A convolutional net's activations at a large batch are large tensors: LeNet-5-Caffe's first
+    convolution writes 16 MB at batch 1,024. glibc's allocator gives a block that large straight
+    from the kernel (``mmap``) and returns it at once when freed, so every pass pays the page
+    faults of zeroing fresh memory for every such tensor. Slices keep each tensor small enough
+    to be reused from the heap (and in cache), which made the ``faster_eager`` pruned
+    LeNet-5-Caffe 2.8-3.0x faster at batch 1,024 (``bench_inference.py``). Raising glibc's
+    threshold instead (``MALLOC_MMAP_THRESHOLD_=2000000000`` in the environment, set before
+    Python starts) gave whole batches most of that gain: 28.2 -> 11.1 ms, against 9.5 ms in
+    slices, in one probe. Examples are independent in eval mode, so the outputs are those of
+    ``net`` on the whole batch, to float rounding: a slice of another size can take another
+    matrix kernel (bit for bit for the shipped LeNet-5-Caffe nets at batch 1,024 in slices of
+    128; a ragged last slice of 2 examples differed by a unit in the last place). A fully
+    connected net gains nothing: its activations are small and its matrix products run best
+    on the whole batch.
 
     ``torch.load`` of this module needs bclib (its class lives here); save ``net`` itself to
     load it without.
@@ -232,7 +239,7 @@ def _modules_to_functions(gm: torch.fx.GraphModule) -> None:
         if node.op != "call_module":
             continue
         m = gm.get_submodule(node.target)
-        attr = lambda name: None if getattr(m, name) is None else g.get_attr(f"{node.target}.{name}")  # noqa: E731
+        attr = functools.partial(_hoisted, gm, m, node.target)
         with g.inserting_before(node):
             if type(m) is nn.Linear:
                 new = g.call_function(F.linear, (node.args[0], attr("weight"), attr("bias")))
@@ -252,6 +259,21 @@ def _modules_to_functions(gm: torch.fx.GraphModule) -> None:
         if (node.op == "call_function" and node.target is torch.relu and isinstance(x, torch.fx.Node)
                 and x.op == "call_function" and x.target in _FRESH and len(x.users) == 1):  # fmt: skip
             node.target = torch.relu_
+
+
+def _hoisted(gm: torch.fx.GraphModule, m: nn.Module, target: str, name: str) -> Optional[torch.fx.Node]:
+    """``m.name`` as an attribute of ``gm`` itself: one attribute lookup per call instead of two."""
+    value = getattr(m, name)
+    if value is None:
+        return None
+    alias = f"{target}_{name}".replace(".", "_")
+    while hasattr(gm, alias) and getattr(gm, alias) is not value:
+        alias += "_"
+    if isinstance(value, nn.Parameter):
+        gm.register_parameter(alias, value)
+    else:
+        gm.register_buffer(alias, value)
+    return gm.graph.get_attr(alias)
 
 
 def _is_2x2_pool(m: nn.Module) -> bool:

@@ -13,11 +13,12 @@ For each shipped Bayesian checkpoint ``results/<arch>-<prior>.pt`` whose run has
 The dense and the pruned net also run rewritten for eager PyTorch (``bclib.runtime.faster_eager``:
 2x2 max pools as maxima of strided views, layers called as functions, ReLU in place; bit for bit
 the same), rewritten so with their hidden fully connected widths padded to multiples of 16
-(``faster_eager x16``: the same to float rounding), rewritten and run on slices of 128
-examples (``bclib.runtime.InChunks``: activations that stay in cache) and in onnxruntime
-(``bclib.runtime.OnnxRuntimeNet``, as many threads). Timings are medians over ``--repeats``
-interleaved runs after a warm-up, under ``torch.inference_mode``; speed-ups are dense time /
-compressed time from the same run and the same runtime, set beside the ratio of multiply-adds (MACs) of the linear and conv layers and
+(``faster_eager x16``: the same to float rounding), rewritten and run on slices of 128 examples
+(``bclib.runtime.InChunks``: tensors small enough for the allocator to reuse) and in
+onnxruntime (``bclib.runtime.OnnxRuntimeNet``, as many threads). Timings are medians over
+``--repeats`` interleaved runs after a warm-up, under ``torch.inference_mode``; speed-ups are
+dense time / compressed time from the same run and the same runtime, set beside the ratio of
+multiply-adds (MACs) of the linear and conv layers and
 the ratio of their activations (values written, which ReLU and pooling read: ``cost.activations``).
 ``--profile`` lists where the pruned net's time goes at the largest batch, in eager PyTorch as
 ``prune`` builds it and after ``faster_eager(net, width_multiple=16)``; ``--compile`` adds
