@@ -151,9 +151,9 @@ class InChunks(nn.Module):
     faults of zeroing fresh memory for every such tensor. Slices keep each tensor small enough
     to be reused from the heap (and in cache), which made the ``faster_eager`` pruned
     LeNet-5-Caffe 2.8-3.0x faster at batch 1,024 (``bench_inference.py``). Raising glibc's
-    threshold instead (``MALLOC_MMAP_THRESHOLD_=2000000000`` in the environment, set before
-    Python starts) gave whole batches most of that gain: 28.2 -> 11.1 ms, against 9.5 ms in
-    slices, in one probe. Examples are independent in eval mode, so the outputs are those of
+    thresholds instead (``MALLOC_MMAP_THRESHOLD_=2000000000 MALLOC_TRIM_THRESHOLD_=4000000000``
+    in the environment, set before Python starts) gave whole batches most of that gain: 26.7 ->
+    11.5 ms, against 10.0 ms in slices. Examples are independent in eval mode, so the outputs are those of
     ``net`` on the whole batch, to float rounding: a slice of another size can take another
     matrix kernel (bit for bit for the shipped LeNet-5-Caffe nets at batch 1,024 in slices of
     128; a ragged last slice of 2 examples differed by a unit in the last place). A fully
