@@ -5,8 +5,9 @@ trade-off, one point per threshold budget) with its float16 posterior ``<arch>-<
 This module loads both and checks that they agree (:func:`load_run`), writes the kept groups
 as the paper does (:func:`kept_groups`), counts the weights a list of kept groups leaves
 (:func:`weights_of_kept_groups`, which gives the paper's LeNet-300-100 pruning rates from its
-architectures), finds a run's error-compression front and the point nearest the paper's error
-(:func:`front`, :func:`nearest_to_paper`) and builds the Markdown tables of ``reproduce`` and
+architectures), gathers a run's training seeds (:func:`seed_runs`), finds a run's
+error-compression front and the point nearest the paper's error (:func:`front`,
+:func:`nearest_to_paper`) and builds the Markdown tables of ``reproduce`` and
 the book, among them the fine-tuned levels of ``reproduce --finetune`` (:func:`finetuned_table`,
 :func:`best_within`). The published figures come from :mod:`bclib.paper`.
 """
@@ -112,6 +113,21 @@ def load_runs(runs: Sequence[tuple[str, str]] = MNIST_RUNS, directory: Optional[
         except FileNotFoundError as err:
             missing.append(str(err))
     return found, missing
+
+
+def seed_runs(arch: str, prior: str, directory: Optional[Path] = None) -> dict[int, Result]:
+    """The results of ``<arch>-<prior>`` by training seed: the run in ``directory`` (default
+    :func:`results_dir`) and those in its ``seeds/seed<S>`` folders (``reproduce --seed S --out
+    ...``) that hold this run, each checked against its checkpoint by :func:`load_run`."""
+    directory = results_dir() if directory is None else Path(directory)
+    key, found = run_key(arch, prior), {}
+    for folder in [directory] + sorted((directory / "seeds").glob("seed*")):
+        if (folder / f"{key}.json").is_file():
+            r = load_run(arch, prior, folder).result
+            if folder != directory and folder.name != f"seed{r['seed']}":
+                raise ValueError(f"{folder / key}.json was trained with seed {r['seed']}, not the one its folder names")
+            found[r["seed"]] = r
+    return found
 
 
 @lru_cache(maxsize=None)

@@ -44,13 +44,13 @@ def test_kept_groups_count_what_the_masks_keep(arch):
     assert results.weights_of_kept_groups(arch, groups) == r["weights_kept"]
 
 
-def _finished_run(tmp_path, arch="lenet_300_100", prior="hs"):
+def _finished_run(tmp_path, arch="lenet_300_100", prior="hs", seed=1):
     """A checkpoint and a JSON as reproduce writes them, from a hand-sparsified net."""
     net = models.build(arch, prior)
-    thresholds = sparsify(net, share=0.3, seed=1)
+    thresholds = sparsify(net, share=0.3, seed=seed)
     point = {"max_drop": 0.0, "thresholds": thresholds, **compression.compression_report(net, thresholds).as_dict(),
              "error_pruned": 1.5, "error_compressed": 1.6}  # fmt: skip
-    r = {"arch": arch, "prior": prior, "error_bayes": 1.4, **point, "tradeoff": [dict(point)]}
+    r = {"arch": arch, "prior": prior, "seed": seed, "error_bayes": 1.4, **point, "tradeoff": [dict(point)]}
     save_checkpoint(tmp_path / f"{arch}-{prior}.pt", net, arch, prior, half=True)
     (tmp_path / f"{arch}-{prior}.json").write_text(json.dumps(r))
     return r
@@ -61,6 +61,20 @@ def test_load_run_reads_and_checks_a_run(tmp_path):
     run = results.load_run("lenet_300_100", "hs", tmp_path)
     assert run.key == "lenet_300_100-hs" and run.result == r
     assert models.bayesian_layers(run.model)[0].prior == "hs"
+
+
+def test_seed_runs_gather_the_seed_folders_that_hold_the_run(tmp_path):
+    r1 = _finished_run(tmp_path)
+    r2 = _finished_run(tmp_path / "seeds" / "seed2", seed=2)  # tmp_path/seeds/seed2 made by save_checkpoint
+    _finished_run(tmp_path / "seeds" / "seed3", prior="nj", seed=3)  # another run only: left out
+    assert results.seed_runs("lenet_300_100", "hs", tmp_path) == {1: r1, 2: r2}
+    assert list(results.seed_runs("lenet_300_100", "nj", tmp_path)) == [3]
+    (tmp_path / "seeds" / "seed2" / "lenet_300_100-hs.json").write_text(json.dumps(dict(r2, bits=[[3, 1]] * 3)))
+    with pytest.raises(results.RunMismatch, match="bits"):  # each seed is checked against its checkpoint
+        results.seed_runs("lenet_300_100", "hs", tmp_path)
+    (tmp_path / "seeds" / "seed2" / "lenet_300_100-hs.json").write_text(json.dumps(dict(r2, seed=4)))
+    with pytest.raises(ValueError, match="seed2/lenet_300_100-hs.json was trained with seed 4"):
+        results.seed_runs("lenet_300_100", "hs", tmp_path)
 
 
 def test_check_run_names_the_field_and_the_fix(tmp_path):

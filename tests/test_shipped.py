@@ -4,9 +4,8 @@ import json
 import pytest
 import torch
 
-from bclib import baselines, compression, reproduce
+from bclib import baselines, compression, reproduce, results
 from bclib.config import data_dir, results_dir
-from bclib.results import load_run
 from bclib.data import TensorBatches, load_mnist
 from bclib.train import evaluate, load_checkpoint
 
@@ -71,11 +70,13 @@ SEEDS = sorted(results_dir().glob("seeds/seed*"))
 
 
 def test_seed_runs_are_shipped_and_agree_with_their_checkpoints():
-    """More seeds of LeNet-300-100, both priors (results/seeds/seedS, from reproduce --seed S):
-    each JSON's compression numbers at every budget are those its checkpoint gives."""
+    """More training seeds (results/seeds/seedS, from reproduce --seed S): LeNet-300-100 with
+    seeds 2 and 3, both priors, LeNet-5-Caffe where shipped; each with the shipped run's recipe,
+    its JSON's compression numbers at every budget those its checkpoint gives."""
     assert [p.name for p in SEEDS] == ["seed2", "seed3"]
-    for folder in SEEDS:
-        for prior in ("nj", "hs"):
-            run = load_run("lenet_300_100", prior, folder)  # checks JSON == checkpoint at every budget
-            assert run.result["seed"] == int(folder.name.removeprefix("seed"))
-            assert run.result["epochs"] == 250 and not run.result["fast"]
+    for arch, prior in results.MNIST_RUNS:
+        runs = results.seed_runs(arch, prior)  # checks JSON == checkpoint at every budget
+        if arch == "lenet_300_100":
+            assert sorted(runs) == [1, 2, 3]
+        for r in runs.values():
+            assert r["epochs"] == runs[1]["epochs"] and not r["fast"]
