@@ -249,3 +249,28 @@ def test_fit_bits_on_a_pruned_residual_net_with_batchnorm() -> None:
     for name, b in zip(stored.bayesian_layer_names, bits):
         w = stored.get_submodule(name).weight
         assert torch.equal(round_to_bits(w, b.exponent, b.significand), w)
+
+
+def test_zero_weights_tool_holds_the_smallest_weights_at_zero_through_training() -> None:
+    """``tools/zero_weights.py``: the mask zeroes the smallest magnitudes (ties at the cut too),
+    and the weights it holds stay zero through training while the rest lie on their grid."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("zero_weights", Path(__file__).parents[1] / "tools" / "zero_weights.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    w = torch.tensor([[0.1, -0.5, 0.2], [0.2, 3.0, -0.05]])
+    assert tool.smallest_zeroed(w, 0.0).eq(1).all()
+    assert tool.smallest_zeroed(w, 0.5).tolist() == [[0, 1, 0], [0, 1, 0]]  # the cut at 0.2 takes both 0.2s
+    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
+        tool.smallest_zeroed(w, 1.0)
+    x, y, _ = teacher_data()
+    net, bits = nn.Sequential(nn.Linear(20, 10)), [LayerBits(3, 2)]
+    mask = tool.smallest_zeroed(net[0].weight, 0.4)
+    out = quantize.train_through(net, bits, TensorBatches(x, y, 128, shuffle=True), 2, 1e-2,
+                                 lambda i, layer: tool._ZeroedOnGrid(bits[i], mask))  # fmt: skip
+    stored = quantized(out, bits, quantize.BIAS_SIGNIFICAND)
+    assert not torch.equal(out[0].weight, net[0].weight)  # it trained
+    assert torch.equal(stored[0].weight, round_to_bits(out[0].weight, 3, 2))
+    assert torch.equal(tool._ZeroedOnGrid(bits[0], mask)(out[0].weight) == 0, (mask == 0) | (stored[0].weight == 0))
