@@ -23,18 +23,17 @@ from bclib import coded, quantize, reproduce
 from bclib.compression import LayerBits, former_group_layers, quantized
 from bclib.config import results_dir
 from bclib.load_coded import load_coded
-from bclib.precision import round_to_bits
 
 
 class _ZeroedOnGrid(nn.Module):
-    """Parametrization: ``w`` rounded to ``bits`` and multiplied by ``mask`` forward, the identity backward."""
+    """Parametrization: ``bclib.quantize``'s straight-through rounding to ``bits``, times ``mask``."""
 
     def __init__(self, bits: LayerBits, mask: torch.Tensor) -> None:
         super().__init__()
-        self.bits, self.mask = bits, mask
+        self.on_grid, self.mask = quantize._OnGrid(bits), mask
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return w + (round_to_bits(w, self.bits.exponent, self.bits.significand) * self.mask - w).detach()
+        return self.on_grid(w) * self.mask
 
 
 def smallest_zeroed(weight: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -42,9 +41,9 @@ def smallest_zeroed(weight: torch.Tensor, fraction: float) -> torch.Tensor:
     (ties at the cut included) at zero."""
     if not 0 <= fraction < 1:
         raise ValueError(f"a fraction of weights to zero must be in [0, 1), got {fraction!r}")
-    a = weight.detach().abs().flatten()
+    a = weight.detach().abs()
     k = int(fraction * a.numel())
-    return torch.ones_like(weight) if k == 0 else (weight.detach().abs() > a.kthvalue(k).values).float()
+    return torch.ones_like(weight) if k == 0 else (a > a.flatten().kthvalue(k).values).float()
 
 
 def main() -> None:
