@@ -24,7 +24,7 @@ import offline_book  # noqa: E402
 
 CONFIG = yaml.safe_load((ROOT / "_config.yml").read_text())
 TOC = yaml.safe_load((ROOT / "_toc.yml").read_text())
-CLONE = re.compile(r"git clone\b[^\n]*?\s(https?://\S+)")
+CLONE = re.compile(r"git clone\b[^\n]*?(?:\s|\\\n)+(https?://\S+)")
 COLAB_LINK = re.compile(r"https://colab\.research\.google\.com/github/[^\s)\"']+")
 
 
@@ -77,6 +77,42 @@ NOTEBOOKS = [f for f in toc_files() if (ROOT / f"{f}.ipynb").exists()]
 def test_badge_and_clone_name_the_configured_repository(docname: str) -> None:
     notebook = json.loads((ROOT / f"{docname}.ipynb").read_text())
     assert notebook_problems(notebook, docname) == []
+
+
+# Monospace characters a code block shows without scrolling in a 1280-pixel-wide window
+# (684-pixel column, 14-pixel font: 77 fit); book/_static/offline.css wraps longer lines.
+CODE_COLUMNS = 76
+FENCE = re.compile(r"^ *```[^\n]*\n(.*?)^ *```", re.S | re.M)
+
+
+def long_code_lines(cells: list[dict]) -> list[str]:
+    """Lines of code cells, and of fenced blocks in markdown, wider than ``CODE_COLUMNS``."""
+    found = []
+    for i, cell in enumerate(cells):
+        source = "".join(cell["source"])
+        code = source if cell["cell_type"] == "code" else "\n".join(FENCE.findall(source))
+        found += [f"cell {i}: {line[:50]}... ({len(line)} characters)"
+                  for line in code.splitlines() if len(line) > CODE_COLUMNS]
+    return found
+
+
+@pytest.mark.parametrize("docname", toc_files())
+def test_code_fits_the_column(docname: str) -> None:
+    """Readers see every code line whole at a laptop's width (tests/test_browser.py: no scrolling)."""
+    path = ROOT / f"{docname}.ipynb"
+    if path.exists():
+        cells = json.loads(path.read_text())["cells"]
+    else:
+        cells = [{"cell_type": "markdown", "source": [(ROOT / f"{docname}.md").read_text()]}]
+    assert long_code_lines(cells) == []
+
+
+def test_long_code_line_check_sees_code_and_fenced_blocks() -> None:
+    wide = "x = " + "1 + " * 20 + "1"
+    assert long_code_lines([{"cell_type": "code", "source": ["y = 1\n", wide]}])
+    assert long_code_lines([{"cell_type": "markdown", "source": [f"text\n```python\n{wide}\n```\n"]}])
+    assert not long_code_lines([{"cell_type": "markdown", "source": [f"prose {wide}"]}])
+    assert not long_code_lines([{"cell_type": "code", "source": ["y = 1\n# short"]}])
 
 
 def test_notebook_check_catches_another_repository() -> None:

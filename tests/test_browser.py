@@ -4,7 +4,8 @@ One fast-mode build (``BCLIB_FAST=1 jupyter-book build``) into a temporary folde
 built HTML that ``BCLIB_BOOK_HTML`` names (a ``_build/html`` folder), is served on 127.0.0.1
 and every page of ``_toc.yml`` is opened. Each page must: typeset its maths (MathJax containers,
 no raw ``$$``, ``\\(`` or ``$\\`` in the visible text, wide display equations scrolling
-from their start), show every jshtml animation's frames,
+from their start), show every code block whole at a 1280-pixel width (no line wider than the
+column, none scrolling), show every jshtml animation's frames,
 render the widget views whose state it stores (a slider where a slider is stored), show no raw
 Markdown table and no traceback, raise no JavaScript error, load its inline figures at high dpi,
 ask for no file the book lacks, name ``_config.yml``'s repository in its Binder and Colab links
@@ -159,6 +160,17 @@ CUT_EQUATIONS_JS = """() => Array.from(document.querySelectorAll('mjx-container[
                       right: box.right > column.right + 1 || (c.scrollWidth > c.clientWidth + 1 && !scrolls)}; })
   .filter(e => e.left || e.right)"""
 
+# Code blocks a reader cannot see whole at this window's width: wider than the column when
+# kept unwrapped (a line over tests/test_book_config.py's limit), or scrolling as styled.
+WIDE_CODE_JS = """() => Array.from(document.querySelectorAll(
+    'div.cell_input pre, div.highlight-python pre, div.highlight-bash pre'))
+  .filter(p => p.checkVisibility())
+  .map(p => { const scrolls = p.scrollWidth > p.clientWidth + 1;
+              const wrap = p.style.whiteSpace; p.style.whiteSpace = 'pre';
+              const wide = p.scrollWidth > p.clientWidth + 1; p.style.whiteSpace = wrap;
+              return {text: p.textContent.slice(0, 60), scrolls, wide}; })
+  .filter(c => c.scrolls || c.wide)"""
+
 # Per stored widget view: did the manager render something in its output area?
 WIDGET_VIEWS_JS = """() => Array.from(
   document.querySelectorAll('script[type="application/vnd.jupyter.widget-view+json"]'),
@@ -249,6 +261,7 @@ def test_page_in_browser(docname: str, server: str, browser, screenshots: Path) 
         stored_sliders = page.evaluate(STORED_SLIDERS_JS)
         lines = visible_lines(page)
         cut_equations = page.evaluate(CUT_EQUATIONS_JS)
+        wide_code = page.evaluate(WIDE_CODE_JS)
         figures = page.evaluate(FIGURES_JS)
         full_text = page.inner_text("body")
         launch = page.eval_on_selector_all(
@@ -272,6 +285,8 @@ def test_page_in_browser(docname: str, server: str, browser, screenshots: Path) 
         problems.append(f"{untypeset} of {n_maths} maths elements not typeset")
     if cut_equations:
         problems.append(f"display equations cut at the column's edge: {cut_equations[:3]}")
+    if wide_code:
+        problems.append(f"code blocks wider than the column: {wide_code[:3]}")
     raw_maths = [line for line in lines if "$$" in line or "\\(" in line or "\\[" in line
                  or re.search(r"\$\\[A-Za-z]", line)]
     if raw_maths:
