@@ -149,6 +149,7 @@ def train(
     state_path: Optional[Path | str] = None,
     on_epoch_end: Optional[Callable[[int, nn.Module], None]] = None,
     progress: bool = True,
+    compile: bool = False,
 ) -> list[dict[str, float]]:
     """Train with Adam on the negative ELBO (plain cross-entropy for a plain network).
 
@@ -171,6 +172,12 @@ def train(
             finding that file resumes from it; it must have been saved by this model with at
             most ``epochs`` epochs.
         on_epoch_end: called as ``f(epoch, model)`` after each epoch (e.g. to take snapshots), on every rank.
+        compile: run each step's forward pass and KL (:func:`bclib.models.forward_with_kl`),
+            and their backward, as graphs compiled by ``torch.compile``, the noise drawn by the
+            eager random generator (a seed gives the same draws as without). It pays on some
+            networks and costs on others (on CPU: faster for LeNet-300-100, slower for the conv
+            LeNet-5-Caffe): ``benchmarks/bench_train.py --compile`` measures both. The first
+            step compiles (seconds). One process only.
     Returns:
         One dict per epoch: loss, cross-entropy, KL (means over the epoch's steps of all ranks),
         KL weight, learning rate, seconds, test accuracy (mean over the ranks).
@@ -192,6 +199,10 @@ def train(
     """
     _check_arguments(epochs, n_data, lr, kl_warmup, lr_cooldown)
     _check_wrapped(model)
+    if compile and distributed.world_size() > 1:
+        raise ValueError("train: compile=True runs in one process only; under torchrun pass compile=False")
+    # the noise from the eager generator: a seed draws the same noise compiled or not
+    forward = torch.compile(forward_with_kl, options={"fallback_random": True}) if compile else forward_with_kl
     net = unwrap(model)  # the network itself: its layers, and state_dict keys a plain model loads
     params = list(net.parameters())
     device = params[0].device
@@ -215,7 +226,7 @@ def train(
         for step, batch in enumerate(bar, 1):
             where = f"epoch {epoch + 1}, step {step}"
             x, y = _batch(batch, device, dtype, where)
-            logits, kl = forward_with_kl(model, x)
+            logits, kl = forward(model, x)
             y = _checked_labels(y, logits, where)
             loss, ce, kl = elbo_loss(net, logits, y, n_data, beta, kl)
             values = torch.stack([loss, ce, kl]).detach().tolist()

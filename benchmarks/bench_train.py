@@ -1,6 +1,6 @@
 """Training-step cost of the Bayesian layers against the plain network, as ratios from one run.
 
-    python benchmarks/bench_train.py [--arch lenet_300_100] [--steps 100] [--repeats 5] [--profile]
+    python benchmarks/bench_train.py [--arch lenet_300_100] [--steps 100] [--repeats 5] [--profile] [--compile]
 
 Each network is trained with the same loop (bclib.train.train: Adam, lr 1e-3, batch 128,
 data preloaded as tensors) on the same random MNIST-shaped batches. Rounds alternate between
@@ -18,6 +18,9 @@ plain and the normal-Jeffreys step, the operators that take the most time (torch
 The last row runs the normal-Jeffreys net's variance products in bfloat16 (``variance_dtype``,
 :mod:`bclib.lrt`); the floor is that of float32 products. Where the CPU has no native bfloat16
 (``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` is False) that row is slower, not faster.
+``--compile`` adds the plain and both Bayesian nets trained with ``train(compile=True)``
+(forward pass and KL compiled by ``torch.compile``; the first round, which compiles, is not
+counted), their ratios to the eager plain step and to the compiled plain step.
 """
 from __future__ import annotations
 
@@ -33,10 +36,10 @@ from bclib import data, models, train
 _WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def time_steps(net: torch.nn.Module, batches: data.TensorBatches) -> float:
+def time_steps(net: torch.nn.Module, batches: data.TensorBatches, compile: bool = False) -> float:
     """Seconds per training step for one pass over ``batches``."""
     t0 = time.perf_counter()
-    train.train(net, batches, 1, n_data=60000, progress=False)
+    train.train(net, batches, 1, n_data=60000, progress=False, compile=compile)
     return (time.perf_counter() - t0) / len(batches)
 
 
@@ -83,6 +86,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--profile", action="store_true", help="also list the costliest operators per step")
+    ap.add_argument("--compile", action="store_true", help="also time the nets trained with train(compile=True)")
     args = ap.parse_args()
     torch.manual_seed(0)
     n = args.steps * args.batch_size
@@ -92,17 +96,23 @@ def main() -> None:
             "nj, bfloat16 variances": models.build(args.arch, "nj")}  # fmt: skip
     for layer in models.bayesian_layers(nets["nj, bfloat16 variances"]):
         layer.variance_dtype = torch.bfloat16
+    compiled = {f"{k}, compiled": models.build(args.arch, None if k == "plain" else k)
+                for k in ("plain", "nj", "hs")} if args.compile else {}  # fmt: skip
+    nets.update(compiled)
     times: dict[str, list[float]] = {k: [] for k in nets}
-    for _ in range(args.repeats + 1):  # the first round warms up
+    for _ in range(args.repeats + 1):  # the first round warms up (and compiles)
         for k, net in nets.items():
-            times[k].append(time_steps(net, batches))
+            times[k].append(time_steps(net, batches, compile=k in compiled))
     med = {k: statistics.median(v[1:]) for k, v in times.items()}
     print(f"{args.arch}, batch {args.batch_size}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"native bfloat16: {torch.ops.mkldnn._is_mkldnn_bf16_supported()}")
-    print("| network | ms per step | ratio to plain | aten operators per step |\n| --- | --- | --- | --- |")
+    print("| network | ms per step | ratio to plain | ratio to compiled plain | aten operators per step |\n"
+          "| --- | --- | --- | --- | --- |")
+    few = data.TensorBatches(x[: 10 * args.batch_size], y[: 10 * args.batch_size], args.batch_size)
     for k, t in med.items():
-        ops = aten_ops_per_step(nets[k], data.TensorBatches(x[: 10 * args.batch_size], y[: 10 * args.batch_size], args.batch_size))
-        print(f"| {k} | {1000 * t:.2f} | {t / med['plain']:.2f}x | {ops:.0f} |")
+        ops = "–" if k in compiled else f"{aten_ops_per_step(nets[k], few):.0f}"  # compiled kernels bypass ATen
+        to_compiled = f"{t / med['plain, compiled']:.2f}x" if compiled else "–"
+        print(f"| {k} | {1000 * t:.2f} | {t / med['plain']:.2f}x | {to_compiled} | {ops} |")
     x1 = x[: args.batch_size]
     mm_plain, mm_bayes = products_seconds(nets["plain"], x1, False), products_seconds(nets["plain"], x1, True)
     noise = noise_seconds(nets["nj"], x1)
