@@ -14,7 +14,8 @@ input gradients because ``z`` scales the inputs) and its noise (one normal draw 
 and group for ``z``, one per pre-activation). ``(plain step - plain products + Bayesian
 products + noise) / plain step`` is the ratio a Bayesian step would reach if all its other
 work were free: a floor for any implementation on this machine. ``--profile`` adds, for the
-plain and the normal-Jeffreys step, the operators that take the most time (torch.profiler).
+plain and the normal-Jeffreys step (and its compiled step with ``--compile``), the operators
+that take the most time (torch.profiler).
 The last row runs the normal-Jeffreys net's variance products in bfloat16 (``variance_dtype``,
 :mod:`bclib.lrt`); the floor is that of float32 products. Where the CPU has no native bfloat16
 (``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` is False) that row is slower, not faster.
@@ -121,9 +122,9 @@ def main() -> None:
           f"({mm_bayes / mm_plain:.2f}x); noise draws {1000 * noise:.2f} ms; "
           f"floor for the Bayesian step: {floor:.2f}x plain")  # fmt: skip
     if args.profile:
-        for k in ("plain", "nj"):
+        for k in ("plain", "nj") + (("nj, compiled",) if compiled else ()):
             print(f"\n{k}: operators by self CPU time over {len(batches)} steps")
-            print(profile_steps(nets[k], batches))
+            print(profile_steps(nets[k], batches, compile=k in compiled))
 
 
 def aten_ops_per_step(net: torch.nn.Module, batches: data.TensorBatches) -> float:
@@ -143,10 +144,10 @@ def aten_ops_per_step(net: torch.nn.Module, batches: data.TensorBatches) -> floa
     return count / len(batches)
 
 
-def profile_steps(net: torch.nn.Module, batches: data.TensorBatches, rows: int = 15) -> str:
+def profile_steps(net: torch.nn.Module, batches: data.TensorBatches, rows: int = 15, compile: bool = False) -> str:
     """torch.profiler's table of the costliest operators over one pass of training steps."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        time_steps(net, batches)
+        time_steps(net, batches, compile)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
