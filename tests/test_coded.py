@@ -275,6 +275,32 @@ def test_noise_bits_by_hand() -> None:
 
 
 # --- the shipped files -------------------------------------------------------------------------
+def settle_ties(pruned: nn.Module, bits: list[LayerBits], got: nn.Module) -> int:
+    """Weights where the file and this CPU's rounding of the pruned net disagree, set to the file's.
+
+    A weight that lies exactly halfway between two grid values on one CPU can lie a float ulp
+    off it on another (a float result can differ by an ulp between CPUs' vector code), so the file
+    written there holds its other neighbour. Only such ties may differ: each disagreeing value
+    must be one grid step from ours, with the unrounded weight within a few ulps of the midpoint.
+    Returns how many were set.
+    """
+    ref = quantized(pruned, bits)
+    mine = [(n, v) for n, v in pruned.state_dict().items() if v.is_floating_point()]
+    rounded = [v for v in ref.state_dict().values() if v.is_floating_point()]
+    theirs = [v for v in got.state_dict().values() if v.is_floating_point()]
+    assert [v.shape for _, v in mine] == [v.shape for v in theirs]
+    settled = 0
+    for (name, w), r, f in zip(mine, rounded, theirs):
+        off = r != f
+        if off.any():
+            midpoint = (r[off].double() + f[off].double()) / 2
+            ulps = (w[off].double() - midpoint).abs() / torch.finfo(torch.float32).eps / w[off].double().abs()
+            assert (ulps <= 4).all(), f"{name}: {int(off.sum())} weights differ from the file, not on a rounding tie"
+            w[off] = f[off]
+            settled += int(off.sum())
+    return settled
+
+
 @pytest.mark.parametrize("arch,prior", SHIPPED)
 def test_shipped_coded_files_reload_exactly(arch: str, prior: str) -> None:
     from bclib.results import load_run
@@ -286,8 +312,10 @@ def test_shipped_coded_files_reload_exactly(arch: str, prior: str) -> None:
     t = run.result["thresholds"]
     report = compression_report(run.model, t)
     pruned = prune(run.model, t)
+    got = load_coded(path)
+    assert settle_ties(pruned, report.bits, got) <= 2  # (one weight on lenet_300_100-hs on some CPUs)
     assert coded.encode_network(pruned, report.bits).data == path.read_bytes()  # the writer is deterministic
-    ref, got = quantized(pruned, report.bits), load_coded(path)
+    ref = quantized(pruned, report.bits)
     x = torch.randn(64, *INPUTS[arch])
     with torch.no_grad():
         assert_bitwise(got(x), ref(x))
