@@ -278,11 +278,10 @@ def test_noise_bits_by_hand() -> None:
 def settle_ties(pruned: nn.Module, bits: list[LayerBits], got: nn.Module) -> int:
     """Weights where the file and this CPU's rounding of the pruned net disagree, set to the file's.
 
-    A weight that lies exactly halfway between two grid values on one CPU can lie a float ulp
-    off it on another (a float result can differ by an ulp between CPUs' vector code), so the file
-    written there holds its other neighbour. Only such ties may differ: each disagreeing value
-    must be one grid step from ours, with the unrounded weight within a few ulps of the midpoint.
-    Returns how many were set.
+    A weight that lies exactly halfway between two grid values on one CPU can lie an ulp off
+    the midpoint on another (CPUs' vector code can differ in the last bit), so the file written
+    there holds its other neighbour. Only such ties may differ: the unrounded weight must lie
+    within a few ulps of the midpoint of our value and the file's. Returns how many were set.
     """
     ref = quantized(pruned, bits)
     mine = [(n, v) for n, v in pruned.state_dict().items() if v.is_floating_point()]
