@@ -13,15 +13,18 @@ net, two, for means and variances, for the Bayesian one, whose first layer also 
 input gradients because ``z`` scales the inputs) and its noise (one normal draw per example
 and group for ``z``, one per pre-activation). ``(plain step - plain products + Bayesian
 products + noise) / plain step`` is the ratio a Bayesian step would reach if all its other
-work were free: a floor for any implementation on this machine. ``--profile`` adds, for the
+work were free: a floor for any implementation on this machine. A second floor adds what
+Adam must do more for the Bayesian parameters (means, log-variances and scales: twice the
+plain net's count): the Adam step of each net, timed alone. ``--profile`` adds, for the
 plain and the normal-Jeffreys step (and its compiled step with ``--compile``), the operators
 that take the most time (torch.profiler).
-The last row runs the normal-Jeffreys net's variance products in bfloat16 (``variance_dtype``,
-:mod:`bclib.lrt`); the floor is that of float32 products. Where the CPU has no native bfloat16
-(``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` is False) that row is slower, not faster.
-``--compile`` adds the plain and both Bayesian nets trained with ``train(compile=True)``
-(forward pass and KL compiled by ``torch.compile``; the first round, which compiles, is not
-counted), their ratios to the eager plain step and to the compiled plain step.
+The ``bfloat16 variances`` rows run the normal-Jeffreys net's variance products in bfloat16
+(``variance_dtype``, :mod:`bclib.lrt`); the floors are those of float32 products. Where the
+CPU has no native bfloat16 (``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` is False) those
+rows are slower, not faster. ``--compile`` adds the plain, both Bayesian nets and the bfloat16
+one trained with ``train(compile=True)`` (forward pass and KL compiled by ``torch.compile``;
+the first round, which compiles, is not counted), their ratios to the eager plain step and to
+the compiled plain step.
 """
 from __future__ import annotations
 
@@ -63,6 +66,22 @@ def products_seconds(plain: nn.Sequential, x: torch.Tensor, bayesian: bool, repe
     return statistics.median(times[1:])
 
 
+def adam_seconds(net: nn.Module, repeats: int = 100) -> float:
+    """Median seconds of one Adam step (fused, as ``bclib.train.train``) over ``net``'s parameters."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.Adam(params, lr=0.0, fused=True)  # lr 0: the net is left as it was
+    times = []
+    for _ in range(repeats + 10):
+        t0 = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    for p in params:
+        p.grad = None
+    return statistics.median(times[10:])
+
+
 def noise_seconds(bayes: nn.Sequential, x: torch.Tensor, repeats: int = 20) -> float:
     """Median seconds to draw the standard normal noise of one training step of ``bayes``."""
     counts = []
@@ -95,11 +114,13 @@ def main() -> None:
     batches = data.TensorBatches(x, y, args.batch_size, shuffle=True)
     nets = {"plain": models.build(args.arch, None), "nj": models.build(args.arch, "nj"), "hs": models.build(args.arch, "hs"),
             "nj, bfloat16 variances": models.build(args.arch, "nj")}  # fmt: skip
-    for layer in models.bayesian_layers(nets["nj, bfloat16 variances"]):
-        layer.variance_dtype = torch.bfloat16
-    compiled = {f"{k}, compiled": models.build(args.arch, None if k == "plain" else k)
-                for k in ("plain", "nj", "hs")} if args.compile else {}  # fmt: skip
+    compiled = {f"{k}, compiled": models.build(args.arch, None if k == "plain" else k[:2])
+                for k in ("plain", "nj", "hs", "nj, bfloat16 variances")} if args.compile else {}  # fmt: skip
     nets.update(compiled)
+    for k, net in nets.items():
+        if "bfloat16" in k:
+            for layer in models.bayesian_layers(net):
+                layer.variance_dtype = torch.bfloat16
     times: dict[str, list[float]] = {k: [] for k in nets}
     for _ in range(args.repeats + 1):  # the first round warms up (and compiles)
         for k, net in nets.items():
@@ -117,10 +138,13 @@ def main() -> None:
     x1 = x[: args.batch_size]
     mm_plain, mm_bayes = products_seconds(nets["plain"], x1, False), products_seconds(nets["plain"], x1, True)
     noise = noise_seconds(nets["nj"], x1)
+    adam_plain, adam_bayes = adam_seconds(nets["plain"]), adam_seconds(nets["nj"])
     floor = (med["plain"] - mm_plain + mm_bayes + noise) / med["plain"]
     print(f"\nper step: matrix products plain {1000 * mm_plain:.2f} ms, Bayesian {1000 * mm_bayes:.2f} ms "
           f"({mm_bayes / mm_plain:.2f}x); noise draws {1000 * noise:.2f} ms; "
-          f"floor for the Bayesian step: {floor:.2f}x plain")  # fmt: skip
+          f"floor for the Bayesian step: {floor:.2f}x plain")
+    print(f"Adam step plain {1000 * adam_plain:.2f} ms, normal-Jeffreys {1000 * adam_bayes:.2f} ms; "
+          f"floor with Adam: {floor + (adam_bayes - adam_plain) / med['plain']:.2f}x plain")  # fmt: skip
     if args.profile:
         for k in ("plain", "nj") + (("nj, compiled",) if compiled else ()):
             print(f"\n{k}: operators by self CPU time over {len(batches)} steps")

@@ -52,18 +52,19 @@ def test_training_is_seeded_and_resumable(tmp_path):
         assert torch.equal(pc, pd)
 
 
-@pytest.mark.parametrize("prior", ["nj", "hs"])
-def test_compiled_steps_train_as_eager_ones(prior):
+@pytest.mark.parametrize("prior, variance_dtype", [("nj", None), ("hs", None), ("nj", torch.bfloat16)])
+def test_compiled_steps_train_as_eager_ones(prior, variance_dtype):
     """train(compile=True) against eager training, the oracle: same seed, same noise (drawn by
     the eager generator), so the same parameters after two epochs up to float rounding of the
-    fused kernels; the module keeps its own state_dict keys."""
+    fused kernels (bfloat16 variance products: to bfloat16's rounding); the module keeps its
+    own state_dict keys."""
     x, y = torch.randn(192, 1, 4, 4), torch.randint(0, 3, (192,))
 
     def run(compile):
         torch.manual_seed(0)
         plain = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 12), torch.nn.ReLU(),
                                     torch.nn.Linear(12, 3))
-        net = models.to_bayesian(plain, prior=prior)
+        net = models.to_bayesian(plain, prior=prior, variance_dtype=variance_dtype)
         batches = data.TensorBatches(x, y, 64, shuffle=True, generator=torch.Generator().manual_seed(0))
         hist = train.train(net, batches, 2, n_data=192, kl_warmup=1, progress=False, compile=compile)
         return net, hist
