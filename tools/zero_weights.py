@@ -9,7 +9,8 @@ net trains ``--epochs`` through its rounding with that mask (as ``bclib.quantize
 straight-through gradients, the run's seed and training split), is rounded to the same bits
 and coded again (``bclib.coded``; written to ``--out`` and read back). Prints, per fraction:
 the share of zeros in that layer, held-out and test error, coded bytes. ``f = 0`` is the
-control: the same training with no weight held at zero. Nothing is written to ``results/``.
+control: the same training with no weight held at zero. ``--seeds`` trains each fraction with
+other seeds (the order of the batches and the training's randomness) for the spread. Nothing is written to ``results/``.
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ def main() -> None:
     ap.add_argument("fractions", type=float, nargs="+", help="shares of the largest layer's weights to zero")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: the run's own)")
     ap.add_argument("--out", type=Path, default=Path("results-levels"), help="the coded files")
     args = ap.parse_args()
     _, _, res = reproduce._finished(args.arch, args.prior, results_dir(), "tools/zero_weights.py")
@@ -69,21 +71,21 @@ def main() -> None:
     print(f"{args.arch}-{args.prior} headline file: {head['coded_bytes']:,} bytes, test error {head['error']:.2f} %; "
           f"zeroing in layer {big} ({layers[big].weight.numel():,} weights)", flush=True)  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
-    for f in args.fractions:
+    for f, seed in ((f, s) for f in args.fractions for s in args.seeds or [res["seed"]]):
         masks = [smallest_zeroed(m.weight, f if i == big else 0.0) for i, m in enumerate(layers)]
-        torch.manual_seed(res["seed"])
-        train_b.generator.manual_seed(res["seed"])
+        torch.manual_seed(seed)
+        train_b.generator.manual_seed(seed)
         net = quantize.train_through(stored, bits, train_b, args.epochs, args.lr,
                                      lambda i, layer: _ZeroedOnGrid(bits[i], masks[i]))  # fmt: skip
         with torch.no_grad():
             for m, mask in zip(former_group_layers(net), masks):
                 m.weight.mul_(mask)
         small = quantized(net, bits, quantize.BIAS_SIGNIFICAND)
-        path = args.out / f"{args.arch}-{args.prior}-zeroed-{f:g}.bc"
+        path = args.out / f"{args.arch}-{args.prior}-zeroed-{f:g}-seed{seed}.bc"
         path.write_bytes(coded.encode_network(small, bits).data)
         back = load_coded(path)
         zeros = (former_group_layers(back)[big].weight == 0).float().mean().item()
-        print(f"  {f:g}: {100 * zeros:.0f} % zeros, held-out error {reproduce._error(back, val_b):.2f} %, "
+        print(f"  {f:g}, seed {seed}: {100 * zeros:.0f} % zeros, held-out error {reproduce._error(back, val_b):.2f} %, "
               f"test error {reproduce._error(back, test_b):.2f} %, {path.stat().st_size:,} bytes", flush=True)  # fmt: skip
 
 
