@@ -32,7 +32,7 @@ from torch import nn
 
 from . import precision
 from .atomic import atomic_write
-from .compression import LayerBits, LayerMask, _kept, compression_report, group_masks, prune
+from .compression import LayerBits, LayerMask, _kept, compression_report, group_masks, prune, quantized
 from .convert import bayesian_layers
 from .export import _DROPOUTS, _FLOAT32_BITS, _bits_by_layer, _pair, fold_batchnorm
 from .kl import kl_log_uniform, kl_lognormal_gamma, kl_lognormal_invgamma, kl_std_normal
@@ -335,6 +335,41 @@ def encode_network(net: nn.Module, bits: Sequence[LayerBits], model: Optional[st
     body = _varints(len(spec), len(words) // 4) + spec + words
     data = MAGIC + bytes([FORMAT_VERSION]) + zlib.crc32(body).to_bytes(4, "little") + body
     return Encoded(data, layers, mask_bits, len(spec), len(words))
+
+
+def settle_ties(pruned: nn.Module, bits: Sequence[LayerBits], stored: nn.Module, max_ulps: float = 4.0) -> int:
+    """Give ``pruned``'s weights that lie on a rounding tie the grid value that ``stored`` holds.
+
+    A coded file written on one CPU and the same posterior pruned on another can disagree in a
+    weight whose unrounded value lies halfway between two grid values: the vector code of the
+    scales (e.g. ``exp``) can differ in the last bit between CPUs, which puts the weight an ulp
+    to one side of the midpoint or the other. ``stored`` is the file's network
+    (:func:`bclib.load_coded.load_coded`); where ``quantized(pruned, bits)`` differs from it,
+    the unrounded weight must lie within ``max_ulps`` float32 ulps of the midpoint of the two
+    values, and is then set (in place) to the file's side, so that ``encode_network(pruned,
+    bits)`` can be compared with the file byte for byte. Any other difference raises a
+    ``ValueError``. Returns the number of weights set.
+    """
+    ref = quantized(pruned, bits)
+    mine = [(n, v) for n, v in pruned.state_dict().items() if v.is_floating_point()]
+    rounded = [v for v in ref.state_dict().values() if v.is_floating_point()]
+    theirs = [v for v in stored.state_dict().values() if v.is_floating_point()]
+    if [v.shape for _, v in mine] != [v.shape for v in theirs]:
+        raise ValueError(f"the stored network's tensors {[tuple(v.shape) for v in theirs]} are not the pruned "
+                         f"net's {[tuple(v.shape) for _, v in mine]}: a file of another pruning?")  # fmt: skip
+    settled = 0
+    with torch.no_grad():
+        for (name, w), r, f in zip(mine, rounded, theirs):
+            off = r != f
+            if off.any():
+                midpoint = (r[off].double() + f[off].double()) / 2
+                ulps = (w[off].double() - midpoint).abs() / (torch.finfo(torch.float32).eps * w[off].double().abs())
+                if not (ulps <= max_ulps).all():
+                    raise ValueError(f"{name}: {int(off.sum())} values differ from the stored network, "
+                                     f"{int((ulps > max_ulps).sum())} of them not on a rounding tie")  # fmt: skip
+                w[off] = f[off]
+                settled += int(off.sum())
+    return settled
 
 
 def _simple_spec(m: nn.Module) -> bytes:
