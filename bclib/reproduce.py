@@ -95,6 +95,13 @@ def _finetune_settings(arch: str, fast: bool) -> dict[str, Any]:
     return {"epochs": 10, "lr": 1e-3, "budgets": [0.005, 0.01, 0.02]}
 
 
+def _other_seeds(seeds: list[int], own: int) -> list[int]:
+    """The settings' ``seeds`` for repeating a step of the run trained with seed ``own``: as many
+    seeds, none of them ``own`` (where it is among them, the next seed above all takes its place)."""
+    out = [sd for sd in seeds if sd != own]
+    return out + list(range(max([*seeds, own]) + 1, max([*seeds, own]) + 1 + len(seeds) - len(out)))
+
+
 def _quantize_settings(arch: str, fast: bool) -> dict[str, Any]:
     """Bits fitted to the data (``--quantize``, :func:`bclib.quantize.fit_bits`) on fine-tuned
     levels: ``margin``, the levels tried (test error at most this many points above the paper's:
@@ -102,7 +109,8 @@ def _quantize_settings(arch: str, fast: bool) -> dict[str, Any]:
     1.77 %); the held-out accuracy budgets of the bit search (one point each: the rounding
     spends the budget, training on the grid wins part of it back), rounds of search and
     training, epochs per round and Adam's learning rate, falling linearly to 0; ``seeds``: the
-    headline's budget again with these training seeds (the spread of the training's randomness).
+    headline's budget again with these training seeds (the spread of the training's randomness;
+    :func:`_other_seeds` replaces the run's own).
 
     Chosen on the LeNet-5-Caffe BC-GHS and LeNet-300-100 BC-GNJ headlines (ad-hoc runs, test
     error of the coded file): a second round took fewer bytes at more error (budget 0.01:
@@ -412,10 +420,11 @@ def finetune_run(arch: str, prior: str, out: Path) -> dict[str, Any]:
     points += [level(d, first) for d in s.get("second_round", [])]
     head = points.index(best(points))
     h = points[head]
-    again = [level(h["max_drop"], first if "first_round" in h else None, sd) for sd in s.get("seeds", [])]
+    seeds = _other_seeds(s.get("seeds", []), result["seed"])
+    again = [level(h["max_drop"], first if "first_round" in h else None, sd) for sd in seeds]
     if again:  # the headline fine-tuned again with other seeds: same pruning, other noise and data order
         fields = ("error_compressed", "error_pruned", "rate_pruning", "rate_precision", "architecture")
-        h["other_seeds"] = [{"seed": sd, **{k: q[k] for k in fields}} for sd, q in zip(s["seeds"], again)]
+        h["other_seeds"] = [{"seed": sd, **{k: q[k] for k in fields}} for sd, q in zip(seeds, again)]
     name = f"{arch}-{prior}-finetuned.pt"
     blob = (state / f"{_level_stem(arch, prior, points[head])}.pt").read_bytes()
     atomic_write(out / name, lambda f: f.write(blob))
@@ -532,11 +541,12 @@ def quantize_run(arch: str, prior: str, out: Path) -> dict[str, Any]:
     within = [p for p in points if p["error"] <= paper + 1e-9]
     head = min(within, key=lambda p: p["coded_bytes"]) if within else min(points, key=lambda p: p["error"])
     model, t, bits, _ = levels[head["level"]]
+    seeds = _other_seeds(s["seeds"], result["seed"])
     again = [_quantize_level(model, t, bits, head["max_drop"], s, seed, batches,
                              state / f"{arch}-{prior}-{head['level']}-{head['max_drop']:g}-seed{seed}.bc")
-             for seed in s["seeds"]]  # fmt: skip
+             for seed in seeds]  # fmt: skip
     head["other_seeds"] = [{"seed": seed, **{k: p[k] for k in ("bits", "error", "held_out_error", "coded_bytes")}}
-                           for seed, p in zip(s["seeds"], again)]  # fmt: skip
+                           for seed, p in zip(seeds, again)]  # fmt: skip
     name = f"{arch}-{prior}-quantized.bc"
     blob = (state / f"{arch}-{prior}-{head['level']}-{head['max_drop']:g}.bc").read_bytes()
     atomic_write(out / name, lambda f: f.write(blob))

@@ -48,3 +48,11 @@ def test_tables_accept_results_without_a_tradeoff():
          "rate_precision": 17.0, "architecture": [[340, 130], [130, 21], [21, 10]], "bits": [[3, 7]]}  # fmt: skip
     assert "340-130-21 / 311-86-14" in reproduce.table([r])
     assert reproduce.tradeoff_table([r]).count("\n") == 2  # header rows only
+
+
+def test_other_seeds_never_repeat_the_runs_own():
+    """A seed-2 run's spread must not count its own headline again."""
+    assert reproduce._other_seeds([2, 3, 4], 1) == [2, 3, 4]
+    assert reproduce._other_seeds([2, 3, 4], 2) == [3, 4, 5]
+    assert reproduce._other_seeds([2, 3], 3) == [2, 4]
+    assert reproduce._other_seeds([], 2) == []
