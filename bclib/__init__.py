@@ -14,7 +14,11 @@ as a bit-packed file or ONNX), ``load_compressed`` (the bit-packed file's stand-
 reader), ``coded`` / ``load_coded`` (the entropy-coded file, needs ``constriction``),
 ``results`` (the shipped runs read back) and ``paper`` (the published numbers).
 """
-from . import (  # noqa: F401
+from .config import flush_denormals
+
+flush_denormals()  # before torch starts its worker threads, which inherit it
+
+from . import (  # noqa: F401, E402
     baselines, compression, convert, cost, data, distributed, export, graph, kl, layers, load_compressed, models,
     paper, results, train,
 )

@@ -1,5 +1,7 @@
 """Objective, training loop, data loading and checkpoints."""
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -184,3 +186,16 @@ def test_recalibrate_batchnorm_averages_eval_mode_statistics():
     batch_vars = torch.stack([net[0](x).var((0, 2, 3), unbiased=True) for x in xs])
     torch.testing.assert_close(net[1].running_var, batch_vars.mean(0))
     assert not net.training and net[1].momentum == 0.1
+
+
+@pytest.mark.parametrize("setting, flushed", [(None, True), ("0", False)])
+def test_importing_bclib_flushes_subnormals_in_every_thread(setting, flushed):
+    """1e-30 * 1e-10 is subnormal in float32: zero where flushing is on, in the worker threads too
+    (a tensor large enough to be split between two threads); BCLIB_FLUSH_DENORMAL=0 keeps it."""
+    code = ("import bclib, torch; torch.set_num_threads(2); "
+            "print((torch.full((1 << 22,), 1e-30) * 1e-10).count_nonzero().item())")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "BCLIB_FLUSH_DENORMAL"}
+    if setting is not None:
+        env["BCLIB_FLUSH_DENORMAL"] = setting
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert int(out.split()[-1]) == (0 if flushed else 1 << 22)
