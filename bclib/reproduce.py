@@ -98,8 +98,8 @@ def _finetune_settings(arch: str, fast: bool) -> dict[str, Any]:
 def _other_seeds(seeds: list[int], own: int) -> list[int]:
     """The settings' ``seeds`` for repeating a step of the run trained with seed ``own``: as many
     seeds, none of them ``own`` (where it is among them, the next seed above all takes its place)."""
-    out = [sd for sd in seeds if sd != own]
-    return out + list(range(max([*seeds, own]) + 1, max([*seeds, own]) + 1 + len(seeds) - len(out)))
+    out, top = [sd for sd in seeds if sd != own], max([*seeds, own])
+    return out + list(range(top + 1, top + 1 + len(seeds) - len(out)))
 
 
 def _quantize_settings(arch: str, fast: bool) -> dict[str, Any]:
