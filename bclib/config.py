@@ -43,7 +43,7 @@ def flush_denormals() -> bool:
 
     x86 CPUs compute on subnormal numbers tens of times slower than on normal ones. Fine-tuning
     (:mod:`bclib.finetune`) fills Adam's moments with them (LeNet-300-100 BC-GNJ: 251,184 of
-    535,588 after five epochs), which made it 2.35x (two threads) and 2.96x (one thread)
+    535,588 after five epochs), which made it 2.31x (two threads) and 2.94x (one thread)
     slower (``benchmarks/bench_denormals.py``); long training runs collect them too.
     ``import bclib`` calls this: CPU threads created afterwards (PyTorch's worker threads are
     created at the first parallel operation) inherit the setting from the importing thread,

@@ -112,10 +112,9 @@ def main() -> None:
     n = args.steps * args.batch_size
     x, y = torch.randn(n, 1, 28, 28), torch.randint(0, 10, (n,))
     batches = data.TensorBatches(x, y, args.batch_size, shuffle=True)
-    nets = {"plain": models.build(args.arch, None), "nj": models.build(args.arch, "nj"), "hs": models.build(args.arch, "hs"),
-            "nj, bfloat16 variances": models.build(args.arch, "nj")}  # fmt: skip
-    compiled = {f"{k}, compiled": models.build(args.arch, None if k == "plain" else k[:2])
-                for k in ("plain", "nj", "hs", "nj, bfloat16 variances")} if args.compile else {}  # fmt: skip
+    priors = {"plain": None, "nj": "nj", "hs": "hs", "nj, bfloat16 variances": "nj"}
+    nets = {k: models.build(args.arch, p) for k, p in priors.items()}
+    compiled = {f"{k}, compiled": models.build(args.arch, p) for k, p in priors.items()} if args.compile else {}
     nets.update(compiled)
     for k, net in nets.items():
         if "bfloat16" in k:

@@ -15,6 +15,7 @@ other seeds (the order of the batches and the training's randomness) for the spr
 from __future__ import annotations
 
 import argparse
+import itertools
 from pathlib import Path
 
 import torch
@@ -71,7 +72,7 @@ def main() -> None:
     print(f"{args.arch}-{args.prior} headline file: {head['coded_bytes']:,} bytes, test error {head['error']:.2f} %; "
           f"zeroing in layer {big} ({layers[big].weight.numel():,} weights)", flush=True)  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
-    for f, seed in ((f, s) for f in args.fractions for s in args.seeds or [res["seed"]]):
+    for f, seed in itertools.product(args.fractions, args.seeds or [res["seed"]]):
         masks = [smallest_zeroed(m.weight, f if i == big else 0.0) for i, m in enumerate(layers)]
         torch.manual_seed(seed)
         train_b.generator.manual_seed(seed)
