@@ -1,6 +1,6 @@
 """CPU inference and storage: dense LeNet vs the pruned net vs the compressed file reloaded.
 
-    python benchmarks/bench_inference.py [--threads 1] [--repeats 30] [--json PATH]
+    python benchmarks/bench_inference.py [--arch lenet_300_100 lenet5_caffe] [--threads 1] [--repeats 30] [--json PATH]
 
 For each shipped Bayesian checkpoint ``results/<arch>-<prior>.pt`` whose run has finished
 (thresholds in ``results/<arch>-<prior>.json``) it compares three networks:
@@ -13,13 +13,19 @@ For each shipped Bayesian checkpoint ``results/<arch>-<prior>.pt`` whose run has
 The dense and the pruned net also run rewritten for eager PyTorch (``bclib.runtime.faster_eager``:
 2x2 max pools as maxima of strided views, layers called as functions, ReLU in place; bit for bit
 the same), rewritten so with their hidden fully connected widths padded to multiples of 16
-(``faster_eager x16``: the same to float rounding), rewritten and run on slices of 128 examples
+(``faster_eager x16``: the same to float rounding), so and with the fully connected weights
+stored transposed (``faster_eager x16 Wt``: ``transposed=True``), rewritten and run on slices of 128 examples
 (``bclib.runtime.InChunks``: tensors small enough for the allocator to reuse) and in
 onnxruntime (``bclib.runtime.OnnxRuntimeNet``, as many threads). Timings are medians over
 ``--repeats`` interleaved runs after a warm-up, under ``torch.inference_mode``; speed-ups are
 dense time / compressed time from the same run and the same runtime, set beside the ratio of
 multiply-adds (MACs) of the linear and conv layers and
 the ratio of their activations (values written, which ReLU and pooling read: ``cost.activations``).
+For the fully connected nets, a floor: reading the input once (``x.sum()``) plus the pruned
+net's matrix products alone (each ``F.linear`` of ``faster_eager x16 Wt`` on the input it saw),
+timed in the same rounds; dense time (``faster_eager x16 Wt``) / floor is the speed-up the pruned
+net would reach if its input selection, ReLUs and calls were free, and it cannot skip reading
+the input: its kept pixels lie on nearly all of the input's cache lines.
 ``--profile`` lists where the pruned net's time goes at the largest batch, in eager PyTorch as
 ``prune`` builds it and after ``faster_eager(net, width_multiple=16)``; ``--compile`` adds
 ``torch.compile`` (inductor, static shapes) of the ``faster_eager`` nets as a runtime. Sizes: the
@@ -40,6 +46,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
 from bclib import compression, cost, models
@@ -62,8 +70,10 @@ WEIGHTED = (nn.Linear, nn.Conv2d)
 # Other ways to run the dense and the pruned net: name -> f(net, example input, threads).
 RUNTIMES = {"faster_eager": lambda net, x, threads: faster_eager(net),
             "faster_eager x16": lambda net, x, threads: faster_eager(net, width_multiple=16),
+            "faster_eager x16 Wt": lambda net, x, threads: faster_eager(net, width_multiple=16, transposed=True),
             "faster_eager in slices": lambda net, x, threads: InChunks(faster_eager(net), 128),
             "onnxruntime": OnnxRuntimeNet}  # fmt: skip
+FLOOR_RUNTIME = "faster_eager x16 Wt"  # the floor times its products; its dense time over the floor: the bound
 COMPILED = {"torch.compile": lambda net, x, threads: torch.compile(faster_eager(net), dynamic=False)}  # --compile
 
 
@@ -104,10 +114,10 @@ class Row:
         return self.activations_dense / max(self.activations_compressed, 1)
 
 
-def shipped_cases(results: Path) -> list[Case]:
+def shipped_cases(results: Path, archs: Sequence[str] = tuple(FALLBACK_PRUNED)) -> list[Case]:
     """Finished runs in ``results``; a hand-pruned fresh net for an architecture without any."""
     cases = []
-    for arch in FALLBACK_PRUNED:  # the MNIST nets; bench_any_network.py times VGG and ResNet
+    for arch in archs:  # the MNIST nets; bench_any_network.py times VGG and ResNet
         found = []
         for prior in PRIORS:
             ckpt, summary = results / f"{arch}-{prior}.pt", results / f"{arch}-{prior}.json"
@@ -160,8 +170,33 @@ def benchmark(case: Case, repeats: int, threads: int, mnist: Optional[tuple[torc
     for runtime, make in runtimes.items():
         nets[f"dense {runtime}"], nets[f"pruned {runtime}"] = make(dense, one, threads), make(pruned, one, threads)
     for b in BATCH_SIZES:
-        row.timings_ms[b] = cost.time_forward(nets, torch.randn(b, 1, 28, 28), repeats)
+        x = torch.randn(b, 1, 28, 28)
+        floor = {}
+        if not any(isinstance(m, nn.Conv2d) for m in pruned.modules()):
+            floor = {"read input": torch.sum, "pruned products": Products(nets[f"pruned {FLOOR_RUNTIME}"], x)}
+        row.timings_ms[b] = cost.time_forward({**nets, **floor}, x, repeats)
     return row
+
+
+class Products:
+    """The matrix products of ``net(x)`` (a ``faster_eager`` graph) called alone on their recorded inputs."""
+
+    def __init__(self, net: torch.fx.GraphModule, x: torch.Tensor) -> None:
+        self.calls: list[tuple] = []
+        calls = self.calls
+
+        class Recorder(torch.fx.Interpreter):
+            def call_function(self, target, args, kwargs):  # type: ignore[no-untyped-def]
+                if target is F.linear:
+                    calls.append((args, kwargs))
+                return super().call_function(target, args, kwargs)
+
+        with torch.inference_mode():
+            Recorder(net).run(x)
+
+    def __call__(self, x: torch.Tensor) -> None:
+        for args, kwargs in self.calls:
+            F.linear(*args, **kwargs)
 
 
 def markdown(rows: list[Row], others: Sequence[str] = tuple(RUNTIMES)) -> str:
@@ -185,6 +220,17 @@ def markdown(rows: list[Row], others: Sequence[str] = tuple(RUNTIMES)) -> str:
             out.append(f"| {r.name} | {b} | {' / '.join(f'{v:.3f}' for v in d)} | {' / '.join(f'{v:.3f}' for v in p)} | "
                        f"{t['reloaded']:.3f} | {' / '.join(f'x{u / v:.2f}' for u, v in zip(d, p))} | "
                        f"x{r.mac_ratio:.1f} | x{r.activation_ratio:.1f} |")  # fmt: skip
+    out += ["", f"Floor: read the input + the pruned products alone; bound = dense ({FLOOR_RUNTIME}) / floor.", "",
+            "| model | batch | read input ms | pruned products ms | floor ms | dense ms | bound speed-up "
+            "| bound / MAC ratio |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for r in rows:
+        for b, t in r.timings_ms.items():
+            if "read input" not in t:
+                continue
+            floor = t["read input"] + t["pruned products"]
+            bound = t[f"dense {FLOOR_RUNTIME}"] / floor
+            out.append(f"| {r.name} | {b} | {t['read input']:.3f} | {t['pruned products']:.3f} | {floor:.3f} | "
+                       f"{t[f'dense {FLOOR_RUNTIME}']:.3f} | x{bound:.2f} | {100 * bound / r.mac_ratio:.0f} % |")  # fmt: skip
     return "\n".join(out)
 
 
@@ -211,6 +257,8 @@ def mnist_test_set() -> Optional[tuple[torch.Tensor, torch.Tensor]]:
 
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", nargs="+", choices=list(FALLBACK_PRUNED), default=list(FALLBACK_PRUNED),
+                    help="networks to time (default both)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     ap.add_argument("--repeats", type=int, default=30, help="timed runs per net and batch size (median reported)")
     ap.add_argument("--results", type=Path, default=results_dir(), help="folder of the shipped runs")
@@ -219,7 +267,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of the faster_eager nets")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cases = shipped_cases(args.results)
+    cases = shipped_cases(args.results, args.arch)
     mnist = mnist_test_set()
     with tempfile.TemporaryDirectory() as tmp:
         runtimes = {**RUNTIMES, **(COMPILED if args.compile else {})}

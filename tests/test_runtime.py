@@ -165,6 +165,29 @@ def test_width_multiple_pads_hidden_layers_with_zero_units():
     assert torch.equal(got.argmax(1), want.argmax(1))
 
 
+@pytest.mark.parametrize("width_multiple", [1, 16])
+def test_transposed_stores_fully_connected_weights_as_their_transpose(width_multiple):
+    net = _pruned("lenet_300_100")
+    fast = faster_eager(net, width_multiple=width_multiple, transposed=True)
+    weights = [getattr(fast, n.args[1].target) for n in fast.graph.nodes if n.target is F.linear]
+    assert len(weights) == 3
+    for w in weights:  # the usual out x in shape, laid out in memory as in x out
+        assert w.stride() == (1, w.shape[0]) and w.t().is_contiguous()
+    plain = faster_eager(net, width_multiple=width_multiple)
+    assert _linear_widths(fast) == _linear_widths(plain)
+    for batch in (1, 64):
+        x = torch.randn(batch, 1, 28, 28)
+        with torch.no_grad():
+            want, got = net(x), fast(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # another summation order: float rounding
+    with torch.no_grad():  # a Linear on a 3-d input takes the view too
+        seq = nn.Sequential(nn.Linear(5, 3)).eval()
+        x3 = torch.randn(2, 4, 5)
+        torch.testing.assert_close(faster_eager(seq, transposed=True)(x3), seq(x3), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="transposed must be True or False"):
+        faster_eager(net, transposed=1)
+
+
 def test_width_multiple_leaves_layers_whose_output_goes_elsewhere():
     class Branch(nn.Module):
         def __init__(self) -> None:
