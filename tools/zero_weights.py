@@ -9,7 +9,11 @@ net trains ``--epochs`` through its rounding with that mask (as ``bclib.quantize
 straight-through gradients, the run's seed and training split), is rounded to the same bits
 and coded again (``bclib.coded``; written to ``--out`` and read back). Prints, per fraction:
 the share of zeros in that layer, held-out and test error, coded bytes. ``f = 0`` is the
-control: the same training with no weight held at zero. ``--seeds`` trains each fraction with
+control: the same training with no weight held at zero. ``--ramp R`` holds ``f/R`` of them
+in the first epoch, ``2f/R`` in the second and so on up to ``f``, the smallest chosen again
+from the trained weights after every epoch (gradual magnitude pruning, Zhu & Gupta 2017);
+without it the mask is chosen once, from the stored weights.
+``--seeds`` trains each fraction with
 other seeds (the order of the batches and the training's randomness) for the spread. Nothing is written to ``results/``.
 """
 from __future__ import annotations
@@ -56,6 +60,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: the run's own)")
+    ap.add_argument("--ramp", type=int, default=1,
+                    help="epochs over which the held share grows linearly to the fraction, the smallest "
+                         "weights chosen again after every epoch (default 1: all held from the start, chosen once)")
     ap.add_argument("--out", type=Path, default=Path("results-levels"), help="the coded files")
     args = ap.parse_args()
     _, _, res = reproduce._finished(args.arch, args.prior, results_dir(), "tools/zero_weights.py")
@@ -73,11 +80,20 @@ def main() -> None:
           f"zeroing in layer {big} ({layers[big].weight.numel():,} weights)", flush=True)  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     for f, seed in itertools.product(args.fractions, args.seeds or [res["seed"]]):
-        masks = [smallest_zeroed(m.weight, f if i == big else 0.0) for i, m in enumerate(layers)]
+        held = lambda epoch: f * min(1.0, (epoch + 1) / args.ramp)  # noqa: E731  (share held in epoch 0, 1, ...)
+        masks = [smallest_zeroed(m.weight, held(0) if i == big else 0.0) for i, m in enumerate(layers)]
+        epoch = 0
+
+        def grow(grids: list[tuple[int, nn.Module]]) -> None:  # the next epoch's mask, by the current weights
+            nonlocal epoch
+            epoch += 1
+            w = dict(grids)[big].parametrizations.weight.original
+            masks[big].copy_(smallest_zeroed(w, held(epoch)))
+
         torch.manual_seed(seed)
         train_b.generator.manual_seed(seed)
         net = quantize.train_through(stored, bits, train_b, args.epochs, args.lr,
-                                     lambda i, layer: _ZeroedOnGrid(bits[i], masks[i]))  # fmt: skip
+                                     lambda i, layer: _ZeroedOnGrid(bits[i], masks[i]), grow if args.ramp > 1 else None)  # fmt: skip
         with torch.no_grad():
             for m, mask in zip(former_group_layers(net), masks):
                 m.weight.mul_(mask)
