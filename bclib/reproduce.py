@@ -162,7 +162,8 @@ def _describe_device(device: torch.device) -> str:
     processes = f", {world} processes (DDP)" if world > 1 else ""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device) + processes
-    return f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads){processes}"
+    threads = torch.get_num_threads()
+    return f"cpu ({platform.machine()}, {os.cpu_count()} cores, {threads} thread{'s' * (threads > 1)}){processes}"
 
 
 def _example_input(batches: data.TensorBatches) -> torch.Tensor:
