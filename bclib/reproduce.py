@@ -493,7 +493,7 @@ def _coded_point(model: nn.Module, t: list[float], stored: nn.Module, bits: list
 def quantize_run(arch: str, prior: str, out: Path) -> dict[str, Any]:
     """Bits fitted to the data for a fine-tuned run: its ``quantized`` section, added to its JSON.
 
-    Starts from every fine-tuned level within ``margin`` of the paper's test error (the
+    Starts from every fine-tuned level at most ``margin`` points above the paper's test error (the
     headline at least: ``out/<arch>-<prior>-finetuned.pt``, the others from
     ``out/state/finetune/``), each with its thresholds and the paper's bits
     (:func:`bclib.compression.bit_precision`); for each budget of :func:`_quantize_settings`
