@@ -9,7 +9,8 @@ the network's graph by :mod:`bclib.graph`, so any model ``torch.fx`` can trace c
 Bit precision (paper sec. 4): a weight needs the significand bits whose resolution ``2^-t``
 is coarser than twice its posterior variance; a layer takes the mean over its kept weights,
 rounded up. The exponent needs enough bits to span from the largest kept weight down to
-that resolution, plus one sign bit.
+the smallest one at least ``FLUSH_STD`` posterior standard deviations from zero, plus one
+sign bit.
 """
 from __future__ import annotations
 
