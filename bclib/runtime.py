@@ -11,8 +11,9 @@ the arithmetic further down:
 
 The network goes through :func:`bclib.export.export_onnx` (BatchNorm folded, dynamic batch);
 ``OnnxRuntimeNet.load(path)`` runs an ONNX file written by it. :func:`faster_eager` rewrites a
-net for eager PyTorch instead, where max pooling costs about as much as the convolutions, and
-:class:`InChunks` runs a convolutional net on slices of a large batch.
+net for eager PyTorch instead, where max pooling costs about as much as the convolutions,
+:func:`tune_convolutions` gives each of its convolutions the fastest of PyTorch's CPU kernels
+at a batch shape, and :class:`InChunks` runs a convolutional net on slices of a large batch.
 ``benchmarks/bench_inference.py`` measures all three ways.
 """
 from __future__ import annotations
@@ -22,9 +23,11 @@ import copy
 import functools
 import importlib.util
 import operator
+import statistics
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -148,6 +151,123 @@ def faster_eager(net: nn.Module, width_multiple: int = 1, transposed: bool = Fal
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm
+
+
+def _im2col(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], stride: list[int], padding: list[int],
+            dilation: list[int], groups: int) -> torch.Tensor:  # fmt: skip
+    return torch.ops.aten.thnn_conv2d(x, w, list(w.shape[2:]), b, stride, padding)
+
+
+def _nnpack(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], stride: list[int], padding: list[int],
+            dilation: list[int], groups: int) -> torch.Tensor:  # fmt: skip
+    return torch._nnpack_spatial_convolution(x, w, b, padding, stride)
+
+
+# name -> (kernel, called as F.conv2d; does it take a convolution: f(stride, dilation, groups))
+_KERNELS: dict[str, tuple[Callable[..., torch.Tensor], Callable[[list[int], list[int], int], bool]]] = {
+    "onednn": (F.conv2d, lambda stride, dilation, groups: True),
+    "im2col": (_im2col, lambda stride, dilation, groups: dilation == [1, 1] and groups == 1),
+    "nnpack": (_nnpack, lambda stride, dilation, groups: stride == dilation == [1, 1] and groups == 1
+               and torch._nnpack_available()),
+}  # fmt: skip
+_TARGETS = {"im2col": torch.ops.aten.thnn_conv2d.default, "nnpack": torch._nnpack_spatial_convolution}
+
+
+@torch.no_grad()
+def tune_convolutions(net: torch.fx.GraphModule, example_input: torch.Tensor, kernels: Sequence[str] = tuple(_KERNELS),
+                      repeats: int = 10) -> torch.fx.GraphModule:  # fmt: skip
+    """A copy of ``net`` (a :func:`faster_eager` graph) whose every 2-d convolution runs the
+    fastest of ``kernels`` on the shapes it sees for ``example_input``.
+
+    PyTorch's CPU ``conv2d`` hands float32 convolutions to oneDNN, which is fastest for wide
+    layers but not always for narrow ones: with im2col or NNPACK for both convolutions the
+    pruned LeNet-5-Caffe nets ran 1.8-2.3x faster at batch 1, and NNPACK made the dense net's
+    second convolution faster at batch 64 and 1,024 (``benchmarks/bench_inference.py``, its
+    tuned runtime; the README gives the runs). Kernels:
+
+    - ``"onednn"``: ``F.conv2d``, PyTorch's own choice (oneDNN for float32 on x86 builds);
+    - ``"im2col"``: the input unfolded and multiplied by the weights
+      (``torch.ops.aten.thnn_conv2d``; dilation 1, no groups);
+    - ``"nnpack"``: NNPACK (``torch._nnpack_spatial_convolution``; stride and dilation 1, no
+      groups; where this build of PyTorch has it), which computes by fast transforms.
+
+    Each kernel a convolution can take is timed on that convolution's input (the median of
+    ``repeats`` calls, after two untimed ones), and the fastest wins, so the choice holds for
+    ``example_input``'s batch size on this machine: tune at the batch size the net will run
+    at (with :class:`InChunks`, at the slice size). Any batch runs afterwards. Outputs agree
+    with ``net``'s to float rounding (im2col: a few units in the last place; NNPACK: about
+    1e-5 relative), not bit for bit. ``chosen_kernels(result)`` lists the winners. The
+    result holds torch functions only, so it saves and loads without bclib (it calls
+    ``torch._nnpack_available()`` first, which starts NNPACK in a fresh process).
+    """
+    if not isinstance(net, torch.fx.GraphModule):
+        raise TypeError(f"tune_convolutions takes a torch.fx.GraphModule, got {type(net).__name__}: "
+                        "pass faster_eager(net)")  # fmt: skip
+    if not isinstance(example_input, torch.Tensor):
+        raise TypeError(f"example_input must be a torch.Tensor batch, got {type(example_input).__name__}")
+    unknown = [k for k in kernels if k not in _KERNELS] if not isinstance(kernels, str) else [kernels]
+    if unknown or not kernels:
+        raise ValueError(f"kernels must be a non-empty sequence of {list(_KERNELS)}, got {kernels!r}")
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise ValueError(f"repeats must be a whole number >= 1, got {repeats!r}")
+    gm = copy.deepcopy(net).eval()
+    if any(n.target in _TARGETS.values() for n in gm.graph.nodes):
+        raise ValueError("this net is tuned already: tune faster_eager(net) itself")
+    seen: dict[torch.fx.Node, tuple] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> Any:
+            if n.op == "call_function" and n.target is F.conv2d:
+                args, kwargs = self.fetch_args_kwargs_from_env(n)
+                seen[n] = _conv2d_args(*args, **kwargs)
+            return super().run_node(n)
+
+    Recorder(gm).run(example_input)
+    pair = lambda v: list(v) if isinstance(v, (tuple, list)) else [v, v]  # noqa: E731
+    for node, (x, w, b, stride, padding, dilation, groups) in seen.items():
+        if isinstance(padding, str) or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 4:
+            continue  # padding="same", other dtypes and devices: F.conv2d
+        stride, padding, dilation = pair(stride), pair(padding), pair(dilation)
+        times = {name: _median_ms(lambda: _KERNELS[name][0](x, w, b, stride, padding, dilation, groups), repeats)
+                 for name in kernels if _KERNELS[name][1](stride, dilation, groups)}  # fmt: skip
+        if not times:
+            continue  # none of ``kernels`` takes this convolution: F.conv2d
+        best = min(times, key=times.__getitem__)
+        x_node, w_node, b_node = _conv2d_args(*node.args, **node.kwargs)[:3]
+        if best == "im2col":
+            node.args, node.kwargs = (x_node, w_node, list(w.shape[2:]), b_node, stride, padding), {}
+        elif best == "nnpack":
+            node.args, node.kwargs = (x_node, w_node, b_node, padding, stride), {}
+        node.target = _TARGETS.get(best, F.conv2d)
+    if any(n.target is torch._nnpack_spatial_convolution for n in gm.graph.nodes):
+        first = next(n for n in gm.graph.nodes if n.op != "placeholder")
+        with gm.graph.inserting_before(first):
+            gm.graph.call_function(torch._nnpack_available)  # starts NNPACK in a fresh process; result unused
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _conv2d_args(x: Any, weight: Any, bias: Any = None, stride: Any = 1, padding: Any = 0, dilation: Any = 1,
+                 groups: Any = 1) -> tuple:  # fmt: skip
+    """``F.conv2d``'s arguments in order, defaults filled in."""
+    return x, weight, bias, stride, padding, dilation, groups
+
+
+def chosen_kernels(net: torch.fx.GraphModule) -> list[str]:
+    """The kernel :func:`tune_convolutions` chose for each 2-d convolution of ``net``, in graph order."""
+    names = {F.conv2d: "onednn", **{v: k for k, v in _TARGETS.items()}}
+    return [names[n.target] for n in net.graph.nodes if n.op == "call_function" and n.target in names]
+
+
+def _median_ms(f: Callable[[], Any], repeats: int) -> float:
+    f(), f()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f()
+        samples.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(samples)
 
 
 class InChunks(nn.Module):

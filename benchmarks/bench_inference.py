@@ -15,8 +15,10 @@ The dense and the pruned net also run rewritten for eager PyTorch (``bclib.runti
 the same), rewritten so with their hidden fully connected widths padded to multiples of 16
 (``faster_eager x16``: the same to float rounding), so and with the fully connected weights
 stored transposed (``faster_eager x16 Wt``: ``transposed=True``), rewritten and run on slices of 128 examples
-(``bclib.runtime.InChunks``: tensors small enough for the allocator to reuse) and in
-onnxruntime (``bclib.runtime.OnnxRuntimeNet``, as many threads). Timings are medians over
+(``bclib.runtime.InChunks``: tensors small enough for the allocator to reuse), so with each
+convolution's kernel tuned at the batch's shape, the slice's above 128 (``in slices, tuned``:
+``bclib.runtime.tune_convolutions``, made again at each batch size; the kernels chosen are
+printed) and in onnxruntime (``bclib.runtime.OnnxRuntimeNet``, as many threads). Timings are medians over
 ``--repeats`` interleaved runs after a warm-up, under ``torch.inference_mode``; speed-ups are
 dense time / compressed time from the same run and the same runtime, set beside the ratio of
 multiply-adds (MACs) of the linear and conv layers and
@@ -57,7 +59,7 @@ from bclib.config import results_dir
 from bclib.data import load_mnist
 from bclib.export import export_compressed
 from bclib.load_compressed import load_compressed
-from bclib.runtime import InChunks, OnnxRuntimeNet, faster_eager
+from bclib.runtime import InChunks, OnnxRuntimeNet, chosen_kernels, faster_eager, tune_convolutions
 from bclib.train import load_checkpoint
 
 BATCH_SIZES = (1, 64, 1024)
@@ -75,6 +77,8 @@ RUNTIMES = {"faster_eager": lambda net, x, threads: faster_eager(net),
             "onnxruntime": OnnxRuntimeNet}  # fmt: skip
 FLOOR_RUNTIME = "faster_eager x16 Wt"  # the floor times its products; its dense time over the floor: the bound
 COMPILED = {"torch.compile": lambda net, x, threads: torch.compile(faster_eager(net), dynamic=False)}  # --compile
+# Made again at every batch size from that batch: "in slices" with each convolution's kernel tuned at the slice's shape.
+PER_BATCH = {"in slices, tuned": lambda net, x, threads: InChunks(tune_convolutions(faster_eager(net), x[:128]), 128)}
 
 
 @dataclass
@@ -104,6 +108,7 @@ class Row:
     error_reloaded: Optional[float] = None
     error_quantized: Optional[float] = None
     timings_ms: dict[int, dict[str, float]] = field(default_factory=dict)
+    kernels: dict[int, dict[str, list[str]]] = field(default_factory=dict)  # PER_BATCH's tuned convolutions
 
     @property
     def mac_ratio(self) -> float:
@@ -147,7 +152,7 @@ def test_error(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def benchmark(case: Case, repeats: int, threads: int, mnist: Optional[tuple[torch.Tensor, torch.Tensor]],
-              tmp: Path, runtimes: dict = RUNTIMES) -> Row:  # fmt: skip
+              tmp: Path, runtimes: dict = RUNTIMES, per_batch: dict = PER_BATCH) -> Row:  # fmt: skip
     report = compression_report(case.model, case.thresholds)
     dense, pruned = compression.dense(case.model), prune(case.model, case.thresholds)
     path = tmp / f"{case.name}.bclb"
@@ -171,6 +176,9 @@ def benchmark(case: Case, repeats: int, threads: int, mnist: Optional[tuple[torc
         nets[f"dense {runtime}"], nets[f"pruned {runtime}"] = make(dense, one, threads), make(pruned, one, threads)
     for b in BATCH_SIZES:
         x = torch.randn(b, 1, 28, 28)
+        for runtime, make in per_batch.items():
+            nets[f"dense {runtime}"], nets[f"pruned {runtime}"] = make(dense, x, threads), make(pruned, x, threads)
+            row.kernels[b] = {k: chosen_kernels(nets[f"{k} {runtime}"].net) for k in ("dense", "pruned")}
         floor = {}
         if not any(isinstance(m, nn.Conv2d) for m in pruned.modules()):
             floor = {"read input": torch.sum, "pruned products": Products(nets[f"pruned {FLOOR_RUNTIME}"], x)}
@@ -272,12 +280,18 @@ def main(argv: Optional[list[str]] = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         runtimes = {**RUNTIMES, **(COMPILED if args.compile else {})}
         rows = [benchmark(c, args.repeats, args.threads, mnist, Path(tmp), runtimes) for c in cases]
+    runtimes.update(PER_BATCH)
     print(f"torch {torch.__version__}, {args.threads} thread(s), {platform.processor() or platform.machine()}, "
           f"median of {args.repeats} runs\n")  # fmt: skip
     for r in rows:
         print(f"- {r.name}: {r.source}")
     print()
     print(markdown(rows, list(runtimes)))
+    print("\nTuned convolution kernels (dense; pruned) per batch size:")
+    for r in rows:
+        if any(k["dense"] for k in r.kernels.values()):
+            print(f"- {r.name}: " + ", ".join(f"{b}: {'/'.join(k['dense'])}; {'/'.join(k['pruned'])}"
+                                              for b, k in r.kernels.items()))  # fmt: skip
     if args.profile:
         for c in cases:
             for padded in (False, True):

@@ -15,7 +15,7 @@ from bclib.compression import dense, prune
 from bclib.export import export_onnx
 from bclib.testing import sparsify
 
-from bclib.runtime import InChunks, OnnxRuntimeNet, faster_eager
+from bclib.runtime import InChunks, OnnxRuntimeNet, chosen_kernels, faster_eager, tune_convolutions
 
 needs_onnxruntime = pytest.mark.skipif(
     not all(importlib.util.find_spec(m) for m in ("onnxscript", "onnxruntime")),
@@ -241,3 +241,68 @@ def test_in_chunks_bad_input_is_a_clear_error():
 
     with pytest.raises(TypeError, match="returns one tensor, this one returns tuple"):
         InChunks(Pair(), 2)(torch.zeros(3, 1))
+
+
+class _Convs(nn.Module):
+    """Convolutions each kernel takes (stride 1), only some take (stride 2, dilation), none but oneDNN takes (groups)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 6, 5), nn.Conv2d(6, 8, 3, stride=2, padding=1)
+        self.c, self.d = nn.Conv2d(8, 8, 3, dilation=2, bias=False), nn.Conv2d(8, 4, 1, groups=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.d(torch.relu(self.c(self.b(torch.relu(self.a(x))))))
+
+
+@pytest.mark.parametrize("kernels, expected", [
+    (("im2col",), ["im2col", "im2col", "onednn", "onednn"]),
+    (("nnpack",), ["nnpack", "onednn", "onednn", "onednn"]),
+    (("onednn",), ["onednn"] * 4),
+])  # fmt: skip
+def test_tune_convolutions_runs_each_kernel_where_it_applies_to_float_rounding(kernels, expected):
+    if "nnpack" in kernels and not torch._nnpack_available():
+        pytest.skip("this build of PyTorch has no NNPACK")
+    torch.manual_seed(0)
+    net = faster_eager(_Convs().eval())
+    x = torch.randn(3, 1, 21, 21)
+    tuned = tune_convolutions(net, x, kernels, repeats=1)
+    assert chosen_kernels(tuned) == expected
+    assert chosen_kernels(net) == ["onednn"] * 4  # the original is left as it was
+    with torch.no_grad():
+        for batch in (1, 3, 8):  # tuned at 3, correct at any batch
+            x = torch.randn(batch, 1, 21, 21)
+            torch.testing.assert_close(tuned(x), net(x), rtol=1e-4, atol=1e-5)
+
+
+def test_tune_convolutions_keeps_the_fastest_and_the_result_loads_without_bclib(tmp_path):
+    net = faster_eager(_pruned("lenet5_caffe"))
+    x = torch.randn(4, 1, 28, 28)
+    tuned = tune_convolutions(net, x, repeats=3)
+    assert len(chosen_kernels(tuned)) == 2 and set(chosen_kernels(tuned)) <= {"onednn", "im2col", "nnpack"}
+    with torch.no_grad():
+        torch.testing.assert_close(tuned(x), net(x), rtol=1e-4, atol=1e-5)
+    torch.save(x, tmp_path / "x.pt")
+    for kernel in ("im2col", "nnpack") if torch._nnpack_available() else ("im2col",):
+        torch.save(tune_convolutions(net, x, (kernel,), repeats=1), tmp_path / f"{kernel}.pt")
+        code = (f"import sys, torch; sys.modules['bclib'] = None; "  # a fresh process: NNPACK not started
+                f"net = torch.load({str(tmp_path / f'{kernel}.pt')!r}, weights_only=False); "
+                f"print(net(torch.load({str(tmp_path / 'x.pt')!r})).shape)")  # fmt: skip
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == "torch.Size([4, 10])"
+
+
+def test_tune_convolutions_bad_inputs_are_clear_errors():
+    net, x = faster_eager(_pruned("lenet5_caffe")), torch.randn(2, 1, 28, 28)
+    with pytest.raises(TypeError, match=r"takes a torch.fx.GraphModule, got Sequential: pass faster_eager\(net\)"):
+        tune_convolutions(nn.Sequential(nn.Conv2d(1, 2, 3)), x)
+    with pytest.raises(TypeError, match="example_input must be a torch.Tensor batch, got list"):
+        tune_convolutions(net, [x])
+    with pytest.raises(ValueError, match=r"kernels must be a non-empty sequence of \['onednn', 'im2col', 'nnpack'\]"):
+        tune_convolutions(net, x, ("cudnn",))
+    with pytest.raises(ValueError, match="kernels must be"):
+        tune_convolutions(net, x, "im2col")
+    with pytest.raises(ValueError, match="repeats must be a whole number >= 1"):
+        tune_convolutions(net, x, repeats=0)
+    with pytest.raises(ValueError, match="tuned already"):
+        tune_convolutions(tune_convolutions(net, x, ("im2col",), repeats=1), x)
