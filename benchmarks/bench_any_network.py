@@ -8,7 +8,10 @@ layer's groups, chosen at random, gets a high ``log_alpha`` (``bclib.testing.spa
 This measures what ``prune`` makes of such a pattern (the residual adds of a ResNet keep a
 channel that any block keeps) and how its speed follows its multiply-adds; it says nothing
 about accuracy.
-Timings: medians of interleaved runs (``bclib.cost.time_forward``), same process.
+Timings: medians of interleaved runs (``bclib.cost.time_forward``), same process, of the nets
+as ``prune`` and ``dense`` build them and, "tuned", rewritten by ``bclib.runtime.faster_eager``
+with each convolution on its fastest kernel at that batch size
+(``bclib.runtime.tune_convolutions``, 3 timed calls per kernel), the dense net as the pruned one.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import torch
 
 from bclib import compression, cost, models
 from bclib.atomic import atomic_write
+from bclib.runtime import faster_eager, tune_convolutions
 from bclib.testing import sparsify
 
 NETS = ("vgg_cifar10", "resnet18_cifar")
@@ -43,7 +47,8 @@ def main() -> None:
     example = torch.zeros(1, 3, 32, 32)
     rows = []
     print(f"# {platform.machine()}, torch {torch.__version__}, {args.threads} thread(s)\n")
-    print("| net | pruned share | parameters dense / pruned | MACs dense / pruned | MAC ratio | speed-up batch 1 | batch 64 |")
+    print("| net | pruned share | parameters dense / pruned | MACs dense / pruned | MAC ratio "
+          "| speed-up batch 1 (as built / tuned) | batch 64 (as built / tuned) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for arch in NETS:
         for share in args.share:
@@ -53,11 +58,15 @@ def main() -> None:
                    "params": [sum(p.numel() for p in n.parameters()) for n in (dense, pruned)],
                    "macs": [cost.macs(n, example) for n in (dense, pruned)], "ms": {}}  # fmt: skip
             for b in BATCH_SIZES:
-                row["ms"][b] = cost.time_forward({"dense": dense, "pruned": pruned}, torch.randn(b, 3, 32, 32), args.repeats)
-            speed = [row["ms"][b]["dense"] / row["ms"][b]["pruned"] for b in BATCH_SIZES]
+                x = torch.randn(b, 3, 32, 32)
+                tuned = {f"{k} tuned": tune_convolutions(faster_eager(n), x, repeats=3)
+                         for k, n in (("dense", dense), ("pruned", pruned))}  # fmt: skip
+                row["ms"][b] = cost.time_forward({"dense": dense, "pruned": pruned, **tuned}, x, args.repeats)
+            speed = [" / ".join(f"{row['ms'][b]['dense' + k] / row['ms'][b]['pruned' + k]:.1f}x" for k in ("", " tuned"))
+                     for b in BATCH_SIZES]  # fmt: skip
             print(f"| {arch} | {share:g} | {row['params'][0]:,} / {row['params'][1]:,} | "
                   f"{row['macs'][0]:,} / {row['macs'][1]:,} | {row['macs'][0] / row['macs'][1]:.1f}x | "
-                  f"{speed[0]:.1f}x | {speed[1]:.1f}x |", flush=True)  # fmt: skip
+                  f"{speed[0]} | {speed[1]} |", flush=True)  # fmt: skip
             rows.append(row)
     if args.json:
         atomic_write(args.json, lambda f: f.write(json.dumps(rows, indent=2).encode()))
