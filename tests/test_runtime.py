@@ -244,21 +244,23 @@ def test_in_chunks_bad_input_is_a_clear_error():
 
 
 class _Convs(nn.Module):
-    """Convolutions each kernel takes (stride 1), only some take (stride 2, dilation), none but oneDNN takes (groups)."""
+    """Convolutions each kernel takes (stride 1), only some take (stride 2, dilation), none but oneDNN takes
+    (groups, padding given as a string)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.a, self.b = nn.Conv2d(1, 6, 5), nn.Conv2d(6, 8, 3, stride=2, padding=1)
         self.c, self.d = nn.Conv2d(8, 8, 3, dilation=2, bias=False), nn.Conv2d(8, 4, 1, groups=2)
+        self.e = nn.Conv2d(4, 4, 3, padding="same")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.d(torch.relu(self.c(self.b(torch.relu(self.a(x))))))
+        return self.e(self.d(torch.relu(self.c(self.b(torch.relu(self.a(x)))))))
 
 
 @pytest.mark.parametrize("kernels, expected", [
-    (("im2col",), ["im2col", "im2col", "onednn", "onednn"]),
-    (("nnpack",), ["nnpack", "onednn", "onednn", "onednn"]),
-    (("onednn",), ["onednn"] * 4),
+    (("im2col",), ["im2col", "im2col", "onednn", "onednn", "onednn"]),
+    (("nnpack",), ["nnpack", "onednn", "onednn", "onednn", "onednn"]),
+    (("onednn",), ["onednn"] * 5),
 ])  # fmt: skip
 def test_tune_convolutions_runs_each_kernel_where_it_applies_to_float_rounding(kernels, expected):
     if "nnpack" in kernels and not torch._nnpack_available():
@@ -268,7 +270,7 @@ def test_tune_convolutions_runs_each_kernel_where_it_applies_to_float_rounding(k
     x = torch.randn(3, 1, 21, 21)
     tuned = tune_convolutions(net, x, kernels, repeats=1)
     assert chosen_kernels(tuned) == expected
-    assert chosen_kernels(net) == ["onednn"] * 4  # the original is left as it was
+    assert chosen_kernels(net) == ["onednn"] * 5  # the original is left as it was
     with torch.no_grad():
         for batch in (1, 3, 8):  # tuned at 3, correct at any batch
             x = torch.randn(batch, 1, 21, 21)
