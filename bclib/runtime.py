@@ -213,6 +213,9 @@ def tune_convolutions(net: torch.fx.GraphModule, example_input: torch.Tensor, ke
     gm = copy.deepcopy(net).eval()
     if any(n.target in _TARGETS.values() for n in gm.graph.nodes):
         raise ValueError("this net is tuned already: tune faster_eager(net) itself")
+    if any(n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Conv2d) for n in gm.graph.nodes):
+        raise ValueError("this graph calls nn.Conv2d modules, which tune_convolutions leaves as they are: "
+                         "tune faster_eager(net), which calls them as functions")  # fmt: skip
     seen: dict[torch.fx.Node, tuple] = {}
 
     class Recorder(torch.fx.Interpreter):

@@ -306,5 +306,7 @@ def test_tune_convolutions_bad_inputs_are_clear_errors():
         tune_convolutions(net, x, "im2col")
     with pytest.raises(ValueError, match="repeats must be a whole number >= 1"):
         tune_convolutions(net, x, repeats=0)
+    with pytest.raises(ValueError, match=r"calls nn.Conv2d modules.*tune faster_eager\(net\)"):
+        tune_convolutions(_pruned("lenet5_caffe"), x)  # prune's graph: convolutions as modules
     with pytest.raises(ValueError, match="tuned already"):
         tune_convolutions(tune_convolutions(net, x, ("im2col",), repeats=1), x)
