@@ -198,8 +198,8 @@ def tune_convolutions(net: torch.fx.GraphModule, example_input: torch.Tensor, ke
     at batch 1 (three runs in fast mode, margin 0). The choice holds for ``example_input``'s
     batch size on this machine: tune at the batch size the net will run at (with
     :class:`InChunks`, at the slice size), and time the result against ``net``. Any batch
-    runs afterwards. Outputs agree with ``net``'s to float rounding (im2col: a few units in
-    the last place; NNPACK: about 1e-5 relative), not bit for bit. ``chosen_kernels(result)``
+    runs afterwards. Outputs agree with ``net``'s closely, not bit for bit (im2col: to a few
+    units in the last place; NNPACK: about 1e-5 relative). ``chosen_kernels(result)``
     lists the winners. The result holds torch functions only, so it saves and loads without
     bclib (it calls ``torch._nnpack_available()`` first, which starts NNPACK in a fresh
     process).
