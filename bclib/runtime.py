@@ -153,24 +153,15 @@ def faster_eager(net: nn.Module, width_multiple: int = 1, transposed: bool = Fal
     return gm
 
 
-def _im2col(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], stride: list[int], padding: list[int],
-            dilation: list[int], groups: int) -> torch.Tensor:  # fmt: skip
-    return torch.ops.aten.thnn_conv2d(x, w, list(w.shape[2:]), b, stride, padding)
-
-
-def _nnpack(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], stride: list[int], padding: list[int],
-            dilation: list[int], groups: int) -> torch.Tensor:  # fmt: skip
-    return torch._nnpack_spatial_convolution(x, w, b, padding, stride)
-
-
-# name -> (kernel, called as F.conv2d; does it take a convolution: f(stride, dilation, groups))
-_KERNELS: dict[str, tuple[Callable[..., torch.Tensor], Callable[[list[int], list[int], int], bool]]] = {
-    "onednn": (F.conv2d, lambda stride, dilation, groups: True),
-    "im2col": (_im2col, lambda stride, dilation, groups: dilation == [1, 1] and groups == 1),
-    "nnpack": (_nnpack, lambda stride, dilation, groups: stride == dilation == [1, 1] and groups == 1
-               and torch._nnpack_available()),
+# name -> (what the graph calls, its arguments from conv2d's and the kernel size, does it take a
+# convolution of this stride, dilation and groups)
+_KERNELS: dict[str, tuple[Callable[..., torch.Tensor], Callable[..., tuple], Callable[..., bool]]] = {
+    "onednn": (F.conv2d, lambda x, w, b, k, s, p, d, g: (x, w, b, s, p, d, g), lambda s, d, g: True),
+    "im2col": (torch.ops.aten.thnn_conv2d.default, lambda x, w, b, k, s, p, d, g: (x, w, k, b, s, p),
+               lambda s, d, g: d == [1, 1] and g == 1),
+    "nnpack": (torch._nnpack_spatial_convolution, lambda x, w, b, k, s, p, d, g: (x, w, b, p, s),
+               lambda s, d, g: s == d == [1, 1] and g == 1 and torch._nnpack_available()),
 }  # fmt: skip
-_TARGETS = {"im2col": torch.ops.aten.thnn_conv2d.default, "nnpack": torch._nnpack_spatial_convolution}
 
 
 @torch.no_grad()
@@ -217,7 +208,7 @@ def tune_convolutions(net: torch.fx.GraphModule, example_input: torch.Tensor, ke
     if not (isinstance(margin, (int, float)) and 0 <= margin < 1):
         raise ValueError(f"margin must be a share of time in [0, 1), e.g. 0.1, got {margin!r}")
     gm = copy.deepcopy(net).eval()
-    if any(n.target in _TARGETS.values() for n in gm.graph.nodes):
+    if any(n.target in (_KERNELS["im2col"][0], _KERNELS["nnpack"][0]) for n in gm.graph.nodes):
         raise ValueError("this net is tuned already: tune faster_eager(net) itself")
     if any(n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Conv2d) for n in gm.graph.nodes):
         raise ValueError("this graph calls nn.Conv2d modules, which tune_convolutions leaves as they are: "
@@ -237,19 +228,18 @@ def tune_convolutions(net: torch.fx.GraphModule, example_input: torch.Tensor, ke
         if isinstance(padding, str) or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 4:
             continue  # padding="same", other dtypes and devices: F.conv2d
         stride, padding, dilation = pair(stride), pair(padding), pair(dilation)
-        times = {name: _median_ms(lambda: _KERNELS[name][0](x, w, b, stride, padding, dilation, groups), repeats)
-                 for name in kernels if _KERNELS[name][1](stride, dilation, groups)}  # fmt: skip
+        conv = (list(w.shape[2:]), stride, padding, dilation, groups)  # the kernel size, then conv2d's own
+        times = {name: _median_ms(lambda: _KERNELS[name][0](*_KERNELS[name][1](x, w, b, *conv)), repeats)
+                 for name in kernels if _KERNELS[name][2](stride, dilation, groups)}  # fmt: skip
         if not times:
             continue  # none of ``kernels`` takes this convolution: F.conv2d
         best = min(times, key=times.__getitem__)
         if "onednn" in times and times[best] > (1 - margin) * times["onednn"]:
             best = "onednn"
-        x_node, w_node, b_node = _conv2d_args(*node.args, **node.kwargs)[:3]
-        if best == "im2col":
-            node.args, node.kwargs = (x_node, w_node, list(w.shape[2:]), b_node, stride, padding), {}
-        elif best == "nnpack":
-            node.args, node.kwargs = (x_node, w_node, b_node, padding, stride), {}
-        node.target = _TARGETS.get(best, F.conv2d)
+        if best != "onednn":
+            target, args, _ = _KERNELS[best]
+            x_w_b = _conv2d_args(*node.args, **node.kwargs)[:3]  # the graph's nodes for them
+            node.target, node.args, node.kwargs = target, args(*x_w_b, *conv), {}
     if any(n.target is torch._nnpack_spatial_convolution for n in gm.graph.nodes):
         first = next(n for n in gm.graph.nodes if n.op != "placeholder")
         with gm.graph.inserting_before(first):
@@ -267,7 +257,7 @@ def _conv2d_args(x: Any, weight: Any, bias: Any = None, stride: Any = 1, padding
 
 def chosen_kernels(net: torch.fx.GraphModule) -> list[str]:
     """The kernel :func:`tune_convolutions` chose for each 2-d convolution of ``net``, in graph order."""
-    names = {F.conv2d: "onednn", **{v: k for k, v in _TARGETS.items()}}
+    names = {target: name for name, (target, _, _) in _KERNELS.items()}
     return [names[n.target] for n in net.graph.nodes if n.op == "call_function" and n.target in names]
 
 
