@@ -96,3 +96,75 @@ def test_bad_inputs_name_the_problem() -> None:
         sample_coding.coding_kl_bits(torch.zeros(3), torch.tensor([0.1, 0.0, 0.1]))
     with pytest.raises(ValueError, match="samples"):
         sample_coding.rate_distortion(net, std, [1.0], lambda n: 0.0, samples=0)
+
+
+def lenet_task(n: int = 256, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of a learnable toy task for LeNet-300-100's input size."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 784, generator=g)
+    y = (x[:, :10].argmax(1))
+    return [(x[i : i + 64], y[i : i + 64]) for i in range(0, n, 64)]
+
+
+def pruned_lenet() -> tuple[nn.Module, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    model = models.build("lenet_300_100", "nj").eval()
+    t = sparsify(model, 0.6, 0)
+    return prune(model, t), rate_aware.kept_posterior_std(model, t)
+
+
+def test_progressive_code_without_training_costs_the_posteriors_kl() -> None:
+    """Each weight is sent once, its KL counted at the start's posterior: the stages add up to
+    coding_kl_bits of every layer; the result is plain layers holding samples, the input untouched."""
+    net, std = pruned_lenet()
+    means = [l.weight.detach().clone() for l in former_group_layers(net)]
+    c = sample_coding.progressive_code(net, std, lenet_task(), beta=1.0, shrink=0.5, stages=3, epochs=0, first_epochs=0)
+    expected = sum(sample_coding.coding_kl_bits(m, s, 0.5) for m, s in zip(means, std))
+    assert c.kl_bits == pytest.approx(expected, rel=1e-6) and len(c.stage_bits) == 3
+    assert c.kl_bytes == c.kl_bits / 8
+    out = former_group_layers(c.net)
+    assert [type(l) for l in out] == [nn.Linear] * 3 and not c.net.training
+    for l, m, s, ref in zip(out, means, std, former_group_layers(net)):
+        z = (l.weight - m) / (math.sqrt(0.5) * s)  # the samples' standardised draws
+        assert abs(z.mean().item()) < 0.1 and abs(z.std().item() - 1) < 0.1
+        assert torch.equal(l.bias, ref.bias) and torch.equal(ref.weight, m)
+
+
+def test_progressive_code_trains_the_weights_not_yet_sent_and_is_seeded() -> None:
+    net, std = pruned_lenet()
+    batches = lenet_task()
+    first = sample_coding.progressive_code(net, std, batches, beta=0.1, stages=2, epochs=1, first_epochs=1, seed=5)
+    again = sample_coding.progressive_code(net, std, batches, beta=0.1, stages=2, epochs=1, first_epochs=1, seed=5)
+    for a, b, ref in zip(former_group_layers(first.net), former_group_layers(again.net), former_group_layers(net)):
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+        assert not torch.equal(a.bias, ref.bias)  # biases train with the weights
+    assert first.kl_bits == again.kl_bits and all(b > 0 for b in first.stage_bits)
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(5, 4), nn.Conv2d(2, 3, 3, padding=1)])
+def test_local_reparameterisation_matches_sampled_weights(layer: nn.Module) -> None:
+    """In training the layer's output has the mean and variance of the output under weights drawn
+    from N(m, v) (Monte Carlo over weight draws); sent weights add no variance."""
+    torch.manual_seed(0)
+    std = torch.rand_like(layer.weight) * 0.3 + 0.1
+    g = sample_coding._GaussianWeights(layer, std, 1.0).train()
+    with torch.no_grad():
+        g.sent.view(-1)[:3] = True
+        g.value.view(-1)[:3] = 0.5
+    x = torch.randn(1, 5) if isinstance(layer, nn.Linear) else torch.randn(1, 2, 4, 4)
+    with torch.no_grad():
+        lrt = torch.stack([g(x) for _ in range(20000)])
+        m = torch.where(g.sent, g.value, g.m)
+        s = torch.where(g.sent, 0.0, std)
+        mc = torch.stack([g._apply_weight(x, m + s * torch.randn_like(m), layer.bias) for _ in range(20000)])
+    assert torch.allclose(lrt.mean(0), mc.mean(0), atol=0.03)
+    assert torch.allclose(lrt.var(0), mc.var(0), rtol=0.06, atol=1e-3)
+
+
+def test_progressive_code_bad_settings_name_the_problem() -> None:
+    net, std = pruned_lenet()
+    for kwargs, word in (({"stages": 0}, "stages"), ({"epochs": -1}, "epochs"), ({"beta": 0.0}, "beta"),
+                         ({"first_epochs": 1.5}, "first_epochs"), ({"shrink": 2.0}, "shrink")):  # fmt: skip
+        args = {"beta": 1.0, **kwargs}
+        with pytest.raises(ValueError, match=word):
+            sample_coding.progressive_code(net, std, [], **args)
