@@ -51,6 +51,7 @@ def main() -> None:
         print("| beta | shrink | stages | epochs | first epochs | KL bytes of the weights | test error % |\n"
               "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")  # fmt: skip
         for beta, k, g, e, e0 in args.progressive:
+            train_b.generator.manual_seed(res["seed"])  # each setting sees the same data order
             c = sample_coding.progressive_code(net, std, train_b, beta, k, int(g), int(e), int(e0), seed=args.seed)
             print(f"| {beta:g} | {k:g} | {g:.0f} | {e:.0f} | {e0:.0f} | {c.kl_bytes:,.0f} | {error(c.net):.2f} |", flush=True)
         return
