@@ -205,9 +205,8 @@ def progressive_code(pruned: nn.Module, std: Sequence[torch.Tensor], train_batch
             for l in layers:
                 free = (~l.sent).flatten().nonzero().squeeze(1)
                 pick = free[torch.randperm(len(free))[: math.ceil(len(free) / (stages - stage))]]
-                which = torch.zeros(l.sent.numel(), dtype=torch.bool, device=l.sent.device)
-                which[pick] = True
-                which = which.view_as(l.sent)
+                which = torch.zeros_like(l.sent)
+                which.view(-1)[pick] = True
                 bits += l.kl(which).item() / math.log(2)
                 draw = l.m + l.log_var.exp().sqrt() * torch.randn_like(l.m)
                 l.value[which], l.sent[which] = draw[which], True
