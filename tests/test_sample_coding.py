@@ -1,5 +1,6 @@
 """bclib.sample_coding: the KL of a posterior sample's code against torch.distributions and Monte
-Carlo, and sampled networks against the moments they are drawn with."""
+Carlo, sampled networks against the moments they are drawn with, and the staged (MIRACLE) code
+against the KL it must add up to and its training layer against Monte Carlo over weight draws."""
 from __future__ import annotations
 
 import math
@@ -17,6 +18,21 @@ from bclib.testing import sparsify
 def posterior(seed: int = 0, n: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, generator=g) * 0.1, torch.rand(n, generator=g) * 0.05 + 0.005
+
+
+def lenet_task(n: int = 256, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of a learnable toy task for LeNet-300-100's input size."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 784, generator=g)
+    y = x[:, :10].argmax(1)
+    return [(x[i : i + 64], y[i : i + 64]) for i in range(0, n, 64)]
+
+
+def pruned_lenet() -> tuple[nn.Module, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    model = models.build("lenet_300_100", "nj").eval()
+    t = sparsify(model, 0.6, 0)
+    return prune(model, t), rate_aware.kept_posterior_std(model, t)
 
 
 @pytest.mark.parametrize("shrink", [1.0, 0.3])
@@ -65,10 +81,7 @@ def test_samples_have_the_posterior_moments_and_leave_the_rest() -> None:
 
 def test_rate_distortion_on_a_pruned_bayesian_net() -> None:
     """On prune's net with kept_posterior_std: bits fall and samples move further as shrink grows."""
-    torch.manual_seed(0)
-    model = models.build("lenet_300_100", "nj").eval()
-    t = sparsify(model, 0.6, 0)
-    net, std = prune(model, t), rate_aware.kept_posterior_std(model, t)
+    net, std = pruned_lenet()
     ref = [l.weight.detach().clone() for l in former_group_layers(net)]
 
     def moved(n: nn.Module) -> float:  # stands in for a test error: how far the sample lies from the mean
@@ -96,21 +109,6 @@ def test_bad_inputs_name_the_problem() -> None:
         sample_coding.coding_kl_bits(torch.zeros(3), torch.tensor([0.1, 0.0, 0.1]))
     with pytest.raises(ValueError, match="samples"):
         sample_coding.rate_distortion(net, std, [1.0], lambda n: 0.0, samples=0)
-
-
-def lenet_task(n: int = 256, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches of a learnable toy task for LeNet-300-100's input size."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 784, generator=g)
-    y = (x[:, :10].argmax(1))
-    return [(x[i : i + 64], y[i : i + 64]) for i in range(0, n, 64)]
-
-
-def pruned_lenet() -> tuple[nn.Module, list[torch.Tensor]]:
-    torch.manual_seed(0)
-    model = models.build("lenet_300_100", "nj").eval()
-    t = sparsify(model, 0.6, 0)
-    return prune(model, t), rate_aware.kept_posterior_std(model, t)
 
 
 def test_progressive_code_without_training_costs_the_posteriors_kl() -> None:
