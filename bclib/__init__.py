@@ -8,6 +8,7 @@ with it), ``compression`` (masks, bit precision, rates, ``prune``), ``baselines`
 rankings and fixed thresholds), ``finetune`` (training on with the pruned groups held at 0),
 ``quantize`` (bit widths searched on held-out data, training through the rounding),
 ``rate_aware`` (each weight rounded to the value cheapest to code within its posterior),
+``uniform_grid`` (weights on whole multiples of a step per layer, for the coded file),
 ``sample_coding`` (what a code of a posterior sample would cost, and what the sample errs),
 ``cost`` (multiply-adds, activations, timing), ``runtime`` (faster inference: onnxruntime, or
 exact rewrites for eager PyTorch), ``export`` (the pruned net

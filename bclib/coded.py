@@ -37,10 +37,11 @@ from .convert import bayesian_layers
 from .export import _DROPOUTS, _FLOAT32_BITS, _bits_by_layer, _pair, fold_batchnorm
 from .kl import kl_log_uniform, kl_lognormal_gamma, kl_lognormal_invgamma, kl_std_normal
 from .load_coded import (
-    CTX_NONE, CTX_ROW, FORMAT_VERSION, LAYER_TYPES, MAGIC, MAX_SYMBOL_ALPHABET, WEIGHT_MODELS,
+    CTX_NONE, CTX_ROW, FORMAT_VERSION, LAYER_TYPES, MAGIC, MAX_STEP_ALPHABET, MAX_SYMBOL_ALPHABET, WEIGHT_MODELS,
     chunk_widths, kt_weights, mask_context, symbol_alphabet, weight_contexts, zigzag,
 )  # fmt: skip
 from .scales import HorseshoeScale, NormalJeffreysScale
+from .uniform_grid import GridStep
 
 MAX_MASK_PERIOD = 64  # select masks: the writer tries context periods 0..64 (28 fits MNIST's rows)
 _ROWS_PER_CHUNK = 1 << 22  # probability-table entries built at a time by the adaptive encoder
@@ -207,16 +208,17 @@ class LayerCode:
 
     name: str
     weights: int
-    bits: LayerBits
+    bits: Union[LayerBits, GridStep]
     model: str
     weight_bits: float
     bias_bits: float
+    width: int  # bits per weight at a fixed width: 1 + E + S, or those of the grid's integers
     model_bits: dict[str, float] = field(default_factory=dict)  # weights' code length under every candidate
 
     @property
     def fixed_bits(self) -> int:
-        """The bit-packed width: ``weights (1 + E + S)``."""
-        return self.weights * self.bits.total
+        """The bit-packed width: ``weights (1 + E + S)`` (a grid layer: ``weights ceil(log2 K)``)."""
+        return self.weights * self.width
 
 
 @dataclass
@@ -282,7 +284,7 @@ def _select(index: torch.Tensor, enc: _Encoder) -> tuple[bytes, float]:
 
 
 def _weighted(
-    m: nn.Module, bits: LayerBits, name: str, force: Optional[WeightModel], enc: _Encoder
+    m: nn.Module, bits: Union[LayerBits, GridStep], name: str, force: Optional[WeightModel], enc: _Encoder
 ) -> tuple[bytes, LayerCode]:
     """Spec and code of one Linear or Conv2d layer: its weights under ``force`` or the best model, then its bias."""
     if isinstance(m, nn.Linear):
@@ -292,29 +294,68 @@ def _weighted(
                         *m.kernel_size, *m.stride, *m.padding, *m.dilation)  # fmt: skip
     else:
         raise TypeError(f"export_coded stores Linear and Conv2d (groups=1, zero padding) layers, not {m}")
-    f = WeightFields.of(m.weight, bits)
+    if isinstance(bits, GridStep):
+        part, code = _step_weights(m.weight, bits, name, enc)
+    else:
+        part, code = _float_weights(m.weight, bits, name, force, enc)
+    spec += _varints(int(m.bias is not None)) + part
+    if m.bias is not None:
+        spec += _varints(*_bias_fields(m.bias))
+        code.bias_bits = _code_bias(m.bias, enc)
+    return spec, code
+
+
+def _float_weights(w: torch.Tensor, bits: LayerBits, name: str, force: Optional[WeightModel],
+                   enc: _Encoder) -> tuple[bytes, LayerCode]:  # fmt: skip
+    """Spec fields and code of weights on the bit-precision grid, under ``force`` or the best model."""
+    f = WeightFields.of(w, bits)
     model, costs = _best_model(f)
     if force is not None:
         model = force if force.name != "symbol" or str(force) in costs else model
-    spec += _varints(int(m.bias is not None), bits.exponent, bits.significand, zigzag(f.e_max),
-                     WEIGHT_MODELS.index(model.name), model.ctx, model.k)  # fmt: skip
-    w_bits = _code_weights(f, model, enc)
-    b_bits = 0.0
-    if m.bias is not None:
-        spec += _varints(*_bias_fields(m.bias))
-        b_bits = _code_bias(m.bias, enc)
-    return spec, LayerCode(name, len(f.code), bits, str(model), w_bits, b_bits, costs)
+    spec = _varints(bits.exponent, bits.significand, zigzag(f.e_max), WEIGHT_MODELS.index(model.name), model.ctx,
+                    model.k)  # fmt: skip
+    return spec, LayerCode(name, len(f.code), bits, str(model), _code_weights(f, model, enc), 0.0, bits.total, costs)
 
 
-def encode_network(net: nn.Module, bits: Sequence[LayerBits], model: Optional[str] = None) -> Encoded:
+def step_symbols(w: torch.Tensor, step: GridStep, name: str = "") -> tuple[np.ndarray, int, int]:
+    """A grid layer's weights as symbols ``n - n_min`` (row-major), ``n_min`` and the alphabet size ``K``;
+    a clear error unless every weight is ``step * n`` in float32 (as the reader computes it)."""
+    w = w.detach().cpu().float().numpy().ravel()
+    n = np.rint(w / np.float32(step.step)).astype(np.int64)
+    if not np.array_equal(n.astype(np.float32) * np.float32(step.step), w):
+        raise ValueError(f"layer {name}'s weights are not on its grid of step {step.step}: store "
+                         "bclib.uniform_grid.on_steps(net, steps), not the trained net")  # fmt: skip
+    n_min = int(n.min()) if n.size else 0
+    K = int(n.max()) - n_min + 1 if n.size else 1
+    if K > MAX_STEP_ALPHABET:
+        raise ValueError(f"layer {name} spans {K} grid points, more than {MAX_STEP_ALPHABET}: its step is too fine")
+    return n - n_min, n_min, K
+
+
+def _step_weights(w: torch.Tensor, step: GridStep, name: str, enc: _Encoder) -> tuple[bytes, LayerCode]:
+    """Spec fields and code of weights on a uniform grid (the ``step`` model), under the shorter context."""
+    sym, n_min, K = step_symbols(w, step, name)
+    costs = {ctx: adaptive_bits(sym, weight_contexts(len(sym), w.shape[0], ctx), K) for ctx in (CTX_NONE, CTX_ROW)}
+    ctx = min(costs, key=costs.get)
+    f32_bits = int(np.float32(step.step).view(np.uint32))
+    spec = _varints(0, 0, zigzag(0), WEIGHT_MODELS.index("step"), ctx, 0, f32_bits, zigzag(n_min), K)
+    bits = enc.adaptive(sym, weight_contexts(len(sym), w.shape[0], ctx), K)
+    named = {f"step(ctx={'row' if c else 'none'})": b for c, b in costs.items()}
+    return spec, LayerCode(name, len(sym), step, f"step(ctx={'row' if ctx else 'none'})", bits, 0.0,
+                           (K - 1).bit_length(), named)  # fmt: skip
+
+
+def encode_network(net: nn.Module, bits: Sequence[Union[LayerBits, GridStep]], model: Optional[str] = None) -> Encoded:
     """The coded file of a pruned net (``prune``'s output) whose former group layers round to ``bits``.
 
+    A :class:`bclib.uniform_grid.GridStep` in place of a layer's ``LayerBits`` codes it on its
+    uniform grid (the ``step`` model; the file is then format version 3, else 2).
     ``model``: None picks each layer's shortest model; "uniform", "symbol" or "factored"
-    (no context, k = 0) forces one for every layer ("symbol" only where the layer's alphabet
-    is small enough; others keep their best). Layers left plain keep float32 precision.
+    (no context, k = 0) forces one for every layer of ``LayerBits`` ("symbol" only where the
+    layer's alphabet is small enough; others keep their best). Layers left plain keep float32 precision.
     """
-    if model is not None and model not in WEIGHT_MODELS:
-        raise ValueError(f"model must be None (the best per layer) or one of {WEIGHT_MODELS}, got {model!r}")
+    if model is not None and model not in WEIGHT_MODELS[:3]:
+        raise ValueError(f"model must be None (the best per layer) or one of {WEIGHT_MODELS[:3]}, got {model!r}")
     folded = fold_batchnorm(net.cpu())
     by_layer = _bits_by_layer(folded, bits)
     force = None if model is None else WeightModel(model)
@@ -333,7 +374,8 @@ def encode_network(net: nn.Module, bits: Sequence[LayerBits], model: Optional[st
     spec = _varint(count) + spec
     words = enc.words().astype("<u4").tobytes()
     body = _varints(len(spec), len(words) // 4) + spec + words
-    data = MAGIC + bytes([FORMAT_VERSION]) + zlib.crc32(body).to_bytes(4, "little") + body
+    version = FORMAT_VERSION if any(isinstance(b, GridStep) for b in bits) else 2
+    data = MAGIC + bytes([version]) + zlib.crc32(body).to_bytes(4, "little") + body
     return Encoded(data, layers, mask_bits, len(spec), len(words))
 
 

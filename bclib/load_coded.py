@@ -1,4 +1,4 @@
-"""Read a model written by ``bclib.coded.export_coded`` (entropy-coded format, version 2).
+"""Read a model written by ``bclib.coded.export_coded`` (entropy-coded format, versions 2 and 3).
 
 This file imports only numpy, torch, constriction (the range coder) and the standard
 library: copy it next to your code and call ``load_coded(path)``; bclib need not be
@@ -7,7 +7,7 @@ network of ``bclib.compression.quantized(prune(...), bits)``, as ``bclib.load_co
 does for the bit-packed format: the same layers, weights and biases (a weight that rounds
 to zero reads back as +0.0 whatever its sign).
 
-Format version 2::
+Format version 3 (version 2: the same without the ``step`` weight model)::
 
     offset  bytes  field
     0       4      magic b"BCLC"
@@ -23,7 +23,8 @@ count, then per layer its type and fields: ``linear`` in, out; ``conv2d`` in, ou
 stride, padding, dilation (two each); both then a bias flag, the exponent bits ``E``, the
 significand bits ``S``, ``e_max`` (signed), the weight model and its two parameters ``ctx``
 and ``k``, and for a bias its lowest and highest float32 exponent and its mantissa bits
-``M``. ``relu``; ``maxpool2d``
+``M``; after ``k``, a layer of the ``step`` model adds its step (the float32's bits, unsigned),
+the least integer ``n_min`` (signed) and the alphabet size ``K``. ``relu``; ``maxpool2d``
 kernel, stride, padding, dilation (two each), ceil_mode; ``flatten`` start_dim, end_dim
 (signed); ``select`` mask length, kept count, context period ``p``.
 
@@ -38,7 +39,11 @@ layer's model:
 - ``symbol`` (1): each weight's whole value as one symbol of an adaptive model over the
   layer's ``2 (2^E - 1) 2^S + 1`` values;
 - ``factored`` (2): adaptive models for the code (one per output row where ``ctx`` = 1), for
-  the sign, and for the top ``k`` significand bits given the code; the other bits uniform.
+  the sign, and for the top ``k`` significand bits given the code; the other bits uniform;
+- ``step`` (3): the weights are ``step * n`` on a uniform grid (:mod:`bclib.uniform_grid`;
+  the spec's ``E``, ``S``, ``e_max`` and ``k`` are 0), each ``n - n_min`` one symbol of an
+  alphabet of ``K`` under an adaptive model (one per output row where ``ctx`` = 1), and
+  ``step * n`` computed in float32.
 
 An adaptive model is the Krichevsky-Trofimov estimator: symbol ``s`` of an alphabet of ``K``
 has probability ``(n_s + 1/2) / (n + K/2)`` after ``n`` symbols of which ``n_s`` were ``s``, so
@@ -71,14 +76,16 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     ) from err
 
 MAGIC = b"BCLC"
-FORMAT_VERSION = 2  # 2: biases keep M mantissa bits (version 1: always 23)
+FORMAT_VERSION = 3  # 3: the step model; 2: biases keep M mantissa bits (version 1: always 23)
+READS = (2, 3)  # the writer writes version 2 where no layer uses the step model
 HEADER = struct.Struct("<4sBI")  # magic, format version, CRC-32 of the rest
 CHUNK_BITS = 12  # uniform fields are coded in chunks of at most this many bits
 MAX_EXPONENT_BITS = 8
 MAX_SIGNIFICAND_BITS = 23
 MAX_SYMBOL_ALPHABET = 1 << 12  # the "symbol" model is written only for layers with at most this many values
 LAYER_TYPES = ("linear", "conv2d", "relu", "maxpool2d", "flatten", "select")
-WEIGHT_MODELS = ("uniform", "symbol", "factored")
+WEIGHT_MODELS = ("uniform", "symbol", "factored", "step")
+MAX_STEP_ALPHABET = 1 << 16  # integers a step layer may span
 CTX_NONE, CTX_ROW = 0, 1  # context of the factored model's exponent codes: none, or the output row
 
 
@@ -120,7 +127,7 @@ class SelectFeatures(nn.Module):
 
 
 def load_coded(path: Union[str, PathLike]) -> nn.Sequential:
-    """The network stored at ``path``; :class:`CodedFormatError` if the file is not a valid version-2 model."""
+    """The network stored at ``path``; :class:`CodedFormatError` if the file is not a valid version-2 or -3 model."""
     spec, words = read_file(Path(path).read_bytes())
     stream = _Decoder(words)
     try:
@@ -143,10 +150,10 @@ def read_file(data: bytes) -> tuple[bytes, np.ndarray]:
     if len(data) < HEADER.size + 2:
         raise CodedFormatError(f"truncated entropy-coded bclib model: {len(data)} bytes, shorter than its header")
     _, version, crc = HEADER.unpack_from(data)
-    if version != FORMAT_VERSION:
+    if version not in READS:
         fix = ("update bclib" if version > FORMAT_VERSION else
                "written by an older bclib: write it again with bclib.coded.export_coded")  # fmt: skip
-        raise CodedFormatError(f"format version {version}, this loader reads {FORMAT_VERSION}: {fix}")
+        raise CodedFormatError(f"format version {version}, this loader reads {' and '.join(map(str, READS))}: {fix}")
     pos = HEADER.size
     spec_len, pos = _varint(data, pos)
     n_words, pos = _varint(data, pos)
@@ -215,6 +222,13 @@ class _Spec:
             layer["e_max"] = self.signed()
             layer["model"], layer["ctx"] = self.int(len(WEIGHT_MODELS)), self.int(2)
             layer["k"] = self.int(layer["S"] + 1)
+            if WEIGHT_MODELS[layer["model"]] == "step":
+                layer["step"] = struct.unpack("<f", struct.pack("<I", self.int(1 << 32)))[0]
+                if not (np.isfinite(layer["step"]) and layer["step"] > 0):
+                    raise CodedFormatError(f"file altered or corrupt: grid step {layer['step']} is not positive")
+                layer["n_min"], layer["K"] = self.signed(), self.int(MAX_STEP_ALPHABET + 1)
+                if layer["K"] < 1:
+                    raise CodedFormatError("file altered or corrupt: a grid layer's alphabet is empty")
             if layer["bias"]:
                 layer["bias_e"], layer["bias_m"] = self.ints(2), self.int(24)
         elif kind == "maxpool2d":
@@ -282,6 +296,9 @@ def weight_contexts(n: int, rows: int, ctx: int) -> np.ndarray:
 def decode_weights(stream: _Decoder, n: int, rows: int, layer: dict) -> np.ndarray:
     """The layer's ``n`` weights (float32), decoded under its model."""
     E, S, model = layer["E"], layer["S"], WEIGHT_MODELS[layer["model"]]
+    if model == "step":
+        sym = stream.adaptive(weight_contexts(n, rows, layer["ctx"]), layer["K"])
+        return (sym + layer["n_min"]).astype(np.float32) * np.float32(layer["step"])
     if model == "symbol":
         sym = stream.adaptive(np.zeros(n, np.int64), symbol_alphabet(E, S))
         code, sign, frac = symbol_fields(sym, S)

@@ -53,10 +53,11 @@ def train_on_grid(net: nn.Module, bits: Sequence[LayerBits], train_batches: Batc
     Adam at ``lr`` falling linearly to 0 over all steps; ``net`` is left unchanged. The copy
     keeps float weights: store ``quantized(copy, bits)``.
     """
-    return train_through(net, bits, train_batches, epochs, lr, lambda i, layer: _OnGrid(bits[i]))
+    check_bits(bits, former_group_layers(net))
+    return train_through(net, train_batches, epochs, lr, lambda i, layer: _OnGrid(bits[i]))
 
 
-def train_through(net: nn.Module, bits: Sequence[LayerBits], train_batches: Batches, epochs: int, lr: float,
+def train_through(net: nn.Module, train_batches: Batches, epochs: int, lr: float,
                   rounding: Callable[[int, nn.Module], nn.Module],
                   after_epoch: Optional[Callable[[list[tuple[int, nn.Module]]], None]] = None) -> nn.Module:  # fmt: skip
     """The training loop of :func:`train_on_grid` through any rounding.
@@ -70,11 +71,9 @@ def train_through(net: nn.Module, bits: Sequence[LayerBits], train_batches: Batc
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     out = copy_pruned(net)
-    layers = former_group_layers(out)
-    check_bits(bits, layers)
     if epochs == 0:
         return out.eval()
-    grids = [(i, layer) for i, layer in enumerate(layers) if layer.weight.numel()]
+    grids = [(i, layer) for i, layer in enumerate(former_group_layers(out)) if layer.weight.numel()]
     for i, layer in grids:
         parametrize.register_parametrization(layer, "weight", rounding(i, layer))
     try:
@@ -121,6 +120,12 @@ def _descend(net: nn.Module, bits: list[LayerBits], accuracy_of: Callable[[nn.Mo
 
 
 def _check(net: nn.Module, bits: Sequence[LayerBits], accuracy_of: object, max_drop: object, passes: object) -> None:
+    check_search(accuracy_of, max_drop, passes)
+    check_bits(bits, former_group_layers(net))
+
+
+def check_search(accuracy_of: object, max_drop: object, passes: object) -> None:
+    """Clear errors for the arguments of a greedy search on held-out accuracy."""
     if not callable(accuracy_of):
         raise TypeError(f"accuracy_of must be a function of the net returning its held-out accuracy, "
                         f"got {type(accuracy_of).__name__}")  # fmt: skip
@@ -128,7 +133,6 @@ def _check(net: nn.Module, bits: Sequence[LayerBits], accuracy_of: object, max_d
         raise ValueError(f"max_drop must be a share of accuracy between 0 and 1 (e.g. 0.001), got {max_drop!r}")
     if not isinstance(passes, int) or passes < 1:
         raise ValueError(f"passes must be a whole number >= 1, got {passes!r}")
-    check_bits(bits, former_group_layers(net))
 
 
 def search_bits(net: nn.Module, bits: Sequence[LayerBits], accuracy_of: Callable[[nn.Module], float],

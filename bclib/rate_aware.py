@@ -189,4 +189,4 @@ def train_rate_aware(net: nn.Module, bits: Sequence[LayerBits], std: Sequence[to
         for i, layer in grids:
             tables[i].fit(layer.parametrizations.weight.original)
 
-    return train_through(net, bits, train_batches, epochs, lr, parametrization, renew)
+    return train_through(net, train_batches, epochs, lr, parametrization, renew)

@@ -12,7 +12,8 @@ is resumable: finished stages are read back from ``--out`` and an interrupted tr
 at its last epoch; ``--recompress`` redoes only the compression of finished runs,
 ``--baselines`` only their baselines, ``--finetune`` adds fine-tuning after pruning
 (:func:`finetune_run`, :mod:`bclib.finetune`), ``--quantize`` then bits fitted to the data and
-the entropy-coded file (:func:`quantize_run`, :mod:`bclib.quantize`). Each run writes
+the entropy-coded file (:func:`quantize_run`, :mod:`bclib.quantize`), ``--grid`` the fine-tuned
+net on uniform grids instead (:func:`grid_run`, :mod:`bclib.uniform_grid`). Each run writes
 ``<arch>-<prior>.json``; ``table.md`` sets them beside the paper's figures, headed by each
 run's point nearest the paper's error.
 """
@@ -30,13 +31,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import baselines, coded, compression, data, distributed, export, finetune, models, quantize, rate_aware
+from . import baselines, coded, compression, data, distributed, export, finetune, models, quantize, rate_aware, uniform_grid
 from .atomic import atomic_write
 from .compression import quantized
 from .config import default_device, fast_mode, seed_everything
 from .load_coded import load_coded
 from .paper import PAPER, PRIOR_NAMES
-from .results import (best_within, finetuned_table, kept_groups as _kept_groups, matched_table,  # noqa: F401
+from .results import (best_within, finetuned_table, grid_table, kept_groups as _kept_groups, matched_table,  # noqa: F401
                       quantized_table, table, tradeoff_table)
 from .train import atomic_save, evaluate, load_checkpoint, save_checkpoint, train
 
@@ -478,18 +479,24 @@ def _quantize_level(model: nn.Module, t: list[float], bits: list[compression.Lay
 def _coded_point(model: nn.Module, t: list[float], stored: nn.Module, bits: list[compression.LayerBits],
                  batches: tuple, path: Path) -> dict[str, Any]:  # fmt: skip
     """The coded (and bit-packed) file of ``stored`` at ``path``, read back: errors, bytes, bits by part."""
-    _, val_b, test_b = batches
-    x = _example_input(val_b)
-    enc = coded.encode_network(stored, bits)
-    atomic_write(path, lambda f: f.write(enc.data))
+    enc, point = _file_point(stored, bits, batches, path)
     packed = export.write_quantized(stored, bits, path.with_suffix(".bclb"))
-    decoded = load_coded(path).to(x.device)
-    report = compression.compression_report(model, t, x)
+    report = compression.compression_report(model, t, _example_input(batches[1]))
     return {"rate_precision": compression.FLOAT_BITS * report.weights_before / sum(l.fixed_bits for l in enc.layers),
-            "held_out_error": _error(decoded, val_b), "error": _error(decoded, test_b), "coded_bytes": enc.size,
-            "bitpacked_bytes": packed, "coded_parts_bits": {"weights": sum(l.weight_bits for l in enc.layers),
-                                 "biases": sum(l.bias_bits for l in enc.layers), "masks": enc.mask_bits,
-                                 "header_and_spec": 8 * (enc.size - enc.stream_bytes)}}  # fmt: skip
+            **point, "bitpacked_bytes": packed}  # fmt: skip
+
+
+def _file_point(stored: nn.Module, spec: list, batches: tuple, path: Path) -> tuple[coded.Encoded, dict[str, Any]]:
+    """The coded file of ``stored`` (layers rounded to ``spec``) written to ``path`` and read back:
+    held-out and test errors, bytes, bits by part."""
+    _, val_b, test_b = batches
+    enc = coded.encode_network(stored, spec)
+    atomic_write(path, lambda f: f.write(enc.data))
+    decoded = load_coded(path).to(_example_input(val_b).device)
+    return enc, {"held_out_error": _error(decoded, val_b), "error": _error(decoded, test_b), "coded_bytes": enc.size,
+                 "coded_parts_bits": {"weights": sum(l.weight_bits for l in enc.layers),
+                                      "biases": sum(l.bias_bits for l in enc.layers), "masks": enc.mask_bits,
+                                      "header_and_spec": 8 * (enc.size - enc.stream_bytes)}}  # fmt: skip
 
 
 def quantize_run(arch: str, prior: str, out: Path) -> dict[str, Any]:
@@ -565,6 +572,68 @@ def quantize_run(arch: str, prior: str, out: Path) -> dict[str, Any]:
     return result
 
 
+def _grid_point(pruned: nn.Module, max_drop: float, s: dict[str, Any], seed: int, batches: tuple,
+                path: Path) -> dict[str, Any]:  # fmt: skip
+    """One budget of :func:`bclib.uniform_grid.fit_steps` (seeded), its coded file written and read back."""
+    train_b, val_b, _ = batches
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    train_b.generator.manual_seed(seed)
+    net, steps = uniform_grid.fit_steps(pruned, lambda n: evaluate(n, val_b), train_b, max_drop, rounds=s["rounds"],
+                                        epochs=s["epochs"], lr=s["lr"])  # fmt: skip
+    stored = uniform_grid.on_steps(net, steps, quantize.BIAS_SIGNIFICAND).cpu()
+    _, point = _file_point(stored, steps, batches, path)
+    return {"max_drop": max_drop, "steps": [g.step for g in steps], **point, "seconds": time.perf_counter() - t0}
+
+
+def grid_run(arch: str, prior: str, out: Path) -> dict[str, Any]:
+    """Uniform grids for a fine-tuned run (:mod:`bclib.uniform_grid`): its ``grid`` section, added to its JSON.
+
+    On the fine-tuned headline (``out/<arch>-<prior>-finetuned.pt``), for each budget of
+    :func:`_quantize_settings`, :func:`bclib.uniform_grid.fit_steps` chooses a step per layer on
+    the held-out images and trains the pruned net through its rounding, seeded as
+    :func:`quantize_run`; the coded file goes to ``out/state/grid/`` and is evaluated from that
+    file. The headline is the smallest file at or below the paper's test error (the lowest error
+    where none is), copied to ``out/<arch>-<prior>-grid.bc``; its budget runs again with other
+    training seeds (``other_seeds``).
+    """
+    result_path, _, result = _finished(arch, prior, out, "--grid")
+    if "finetuned" not in result:
+        raise FileNotFoundError(f"{result_path.name} has no fine-tuned headline: run --finetune first")
+    ft, s = result["finetuned"], _quantize_settings(arch, result["fast"])
+    level = ft["points"][ft["headline"]]
+    device = default_device()
+    batches = _split(arch, result["train_limit"], 128, result["seed"])
+    for b in batches:
+        b.to(device)
+    state = out / "state" / "grid"
+    state.mkdir(parents=True, exist_ok=True)
+    model = load_checkpoint(out / ft["checkpoint"])[0].to(device)
+    pruned = compression.prune(model, level["thresholds"], _example_input(batches[1]))
+    stem = f"{arch}-{prior}"
+    points = [_grid_point(pruned, d, s, result["seed"], batches, state / f"{stem}-{d:g}.bc") for d in s["budgets"]]
+    paper = PAPER[(arch, prior)]["error"]
+    within = [p for p in points if p["error"] <= paper + 1e-9]
+    head = min(within, key=lambda p: p["coded_bytes"]) if within else min(points, key=lambda p: p["error"])
+    seeds = _other_seeds(s["seeds"], result["seed"])
+    head["other_seeds"] = [{"seed": seed, **{k: p[k] for k in ("error", "held_out_error", "coded_bytes")}}
+                           for seed in seeds
+                           for p in [_grid_point(pruned, head["max_drop"], s, seed, batches,
+                                                 state / f"{stem}-{head['max_drop']:g}-seed{seed}.bc")]]  # fmt: skip
+    blob = (state / f"{stem}-{head['max_drop']:g}.bc").read_bytes()
+    atomic_write(out / f"{stem}-grid.bc", lambda f: f.write(blob))
+    kl = sum(k.total for k in coded.kept_kl(copy.deepcopy(model).cpu(), level["thresholds"])) / 8
+    result["grid"] = {**s, "seed": result["seed"], "rate_pruning": level["rate_pruning"], "kl_bytes": kl,
+                      "bias_significand": quantize.BIAS_SIGNIFICAND, "points": points,
+                      "headline": points.index(head), "file": f"{stem}-grid.bc",
+                      "device": _describe_device(device), "torch": torch.__version__}  # fmt: skip
+    _atomic_json(result, result_path)
+    for p in points:
+        print(f"{stem} uniform grid at budget {p['max_drop']:g}: {p['coded_bytes']:,} bytes, error "
+              f"{p['error']:.2f}% ({p['seconds']:.0f} s)", flush=True)  # fmt: skip
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     """The command line; under ``torchrun`` (``WORLD_SIZE`` > 1) every rank runs it and trains in DDP."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -583,6 +652,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="fine-tune finished runs after pruning (bclib.finetune) into their JSON's 'finetuned'")
     ap.add_argument("--quantize", action="store_true",
                     help="fit bits to the data on fine-tuned runs (bclib.quantize) into their JSON's 'quantized'")
+    ap.add_argument("--grid", action="store_true",
+                    help="uniform grids on fine-tuned runs (bclib.uniform_grid) into their JSON's 'grid'")
     args = ap.parse_args(argv)
     runs = DEFAULT_RUNS
     if args.only:
@@ -593,9 +664,9 @@ def main(argv: list[str] | None = None) -> None:
         runs = [known[name] for name in args.only]
     fast = args.fast or fast_mode()
     out = args.out or Path("results-fast" if fast else "results")
-    if distributed.init_from_env() and (args.recompress or args.baselines or args.finetune or args.quantize):
+    if distributed.init_from_env() and (args.recompress or args.baselines or args.finetune or args.quantize or args.grid):
         distributed.close()
-        ap.error("--recompress, --baselines, --finetune and --quantize run as one process, without torchrun")
+        ap.error("--recompress, --baselines, --finetune, --quantize and --grid run as one process, without torchrun")
     try:
         _run_all(runs, out, fast, args)
     finally:
@@ -616,6 +687,8 @@ def _run_all(runs: list[tuple[str, str]], out: Path, fast: bool, args: argparse.
             r = finetune_run(arch, prior, out)
         elif args.quantize:
             r = quantize_run(arch, prior, out)
+        elif args.grid:
+            r = grid_run(arch, prior, out)
         else:
             r = run(arch, prior, out, fast, args.seed, epochs=args.epochs)
         if main_rank:
@@ -635,6 +708,10 @@ def _run_all(runs: list[tuple[str, str]], out: Path, fast: bool, args: argparse.
     if with_quantized:
         text += ("\nBits fitted to the data on the fine-tuned levels near the paper's error (bclib.quantize; the "
                  "entropy-coded file of each level and budget, read back):\n\n" + quantized_table(with_quantized))
+    with_grid = [r for r in all_results if "grid" in r]
+    if with_grid:
+        text += ("\nUniform grids on the fine-tuned headline (bclib.uniform_grid; the entropy-coded file of each "
+                 "budget, read back):\n\n" + grid_table(with_grid))
     text += ("\nAt the largest budget, beside every row of the paper's table:\n\n" + table(all_results)
              + "\nThe error-compression trade-off:\n\n" + tradeoff_table(all_results))  # fmt: skip
     with_baselines = [r for r in all_results if "baselines" in r]

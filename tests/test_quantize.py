@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from bclib import models, quantize, reproduce
+from bclib import models, quantize, reproduce, uniform_grid
 from bclib.compression import LayerBits, compression_report, prune, quantized
 from bclib.config import data_dir, results_dir
 from bclib.data import TensorBatches, load_mnist
@@ -183,6 +183,18 @@ def test_fast_quantize_stage_writes_its_section_and_file(tmp_path, monkeypatch) 
     drop = lambda points: [{k: v for k, v in p.items() if k != "seconds"} for p in points]  # noqa: E731
     assert drop(again["points"]) == drop(q["points"])
     assert path.read_bytes() == first
+    reproduce.main(args + ["--grid"])  # uniform grids on the same fine-tuned headline
+    g = json.loads((tmp_path / "lenet_300_100-nj.json").read_text())["grid"]
+    head = g["points"][g["headline"]]
+    assert [p["max_drop"] for p in g["points"]] == qs["budgets"] and g["rate_pruning"] == ft_head["rate_pruning"]
+    path = tmp_path / g["file"]
+    assert path.stat().st_size == head["coded_bytes"]
+    net = load_coded(path)
+    assert 100 * (1 - evaluate(net, test_b)) == pytest.approx(head["error"], abs=1e-9)
+    for layer, step in zip([m for m in net if isinstance(m, nn.Linear)], head["steps"], strict=True):
+        assert torch.equal(uniform_grid.round_to_step(layer.weight, uniform_grid.GridStep(step)), layer.weight)
+    assert [o["seed"] for o in head["other_seeds"]] == qs["seeds"]
+    assert "Uniform grids on the fine-tuned headline" in (tmp_path / "table.md").read_text()
 
 
 SHIPPED = sorted(p.stem for p in results_dir().glob("*-*.json"))
@@ -273,7 +285,7 @@ def test_zero_weights_tool_holds_the_smallest_weights_at_zero_through_training()
     x, y, _ = teacher_data()
     net, bits = nn.Sequential(nn.Linear(20, 10)), [LayerBits(3, 2)]
     mask = tool.smallest_zeroed(net[0].weight, 0.4)
-    out = quantize.train_through(net, bits, TensorBatches(x, y, 128, shuffle=True), 2, 1e-2,
+    out = quantize.train_through(net, TensorBatches(x, y, 128, shuffle=True), 2, 1e-2,
                                  lambda i, layer: tool._ZeroedOnGrid(bits[i], mask))  # fmt: skip
     stored = quantized(out, bits, quantize.BIAS_SIGNIFICAND)
     assert not torch.equal(out[0].weight, net[0].weight)  # it trained

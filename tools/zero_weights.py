@@ -92,7 +92,7 @@ def main() -> None:
 
         torch.manual_seed(seed)
         train_b.generator.manual_seed(seed)
-        net = quantize.train_through(stored, bits, train_b, args.epochs, args.lr,
+        net = quantize.train_through(stored, train_b, args.epochs, args.lr,
                                      lambda i, layer: _ZeroedOnGrid(bits[i], masks[i]), grow if args.ramp > 1 else None)  # fmt: skip
         with torch.no_grad():
             for m, mask in zip(former_group_layers(net), masks):
