@@ -515,17 +515,9 @@ def quantize_run(arch: str, prior: str, out: Path) -> dict[str, Any]:
     ``bits_rule`` and ``kl_bytes`` (the KL of the kept posterior, also per point) are the
     headline level's.
     """
-    result_path, _, result = _finished(arch, prior, out, "--quantize")
-    if "finetuned" not in result:
-        raise FileNotFoundError(f"{result_path.name} has no fine-tuned headline: run --finetune first")
+    result_path, result, device, batches, state = _after_finetuning(arch, prior, out, "quantize")
     ft, s = result["finetuned"], _quantize_settings(arch, result["fast"])
     paper = PAPER[(arch, prior)]["error"]
-    device = default_device()
-    batches = _split(arch, result["train_limit"], 128, result["seed"])
-    for b in batches:
-        b.to(device)
-    state = out / "state" / "quantize"
-    state.mkdir(parents=True, exist_ok=True)
     x = _example_input(batches[1])
     levels = {}  # level name -> (fine-tuned model, thresholds, paper's bits, what the points record of it)
     for i, p in enumerate(ft["points"]):
@@ -548,8 +540,7 @@ def quantize_run(arch: str, prior: str, out: Path) -> dict[str, Any]:
             path = state / f"{arch}-{prior}-{name}-{d:g}.bc"
             q = _quantize_level(model, t, bits, d, s, result["seed"], batches, path)
             points.append({"level": name, **about, **q})
-    within = [p for p in points if p["error"] <= paper + 1e-9]
-    head = min(within, key=lambda p: p["coded_bytes"]) if within else min(points, key=lambda p: p["error"])
+    head = _smallest_at_paper_error(points, paper)
     model, t, bits, _ = levels[head["level"]]
     seeds = _other_seeds(s["seeds"], result["seed"])
     again = [_quantize_level(model, t, bits, head["max_drop"], s, seed, batches,
@@ -597,24 +588,14 @@ def grid_run(arch: str, prior: str, out: Path) -> dict[str, Any]:
     where none is), copied to ``out/<arch>-<prior>-grid.bc``; its budget runs again with other
     training seeds (``other_seeds``).
     """
-    result_path, _, result = _finished(arch, prior, out, "--grid")
-    if "finetuned" not in result:
-        raise FileNotFoundError(f"{result_path.name} has no fine-tuned headline: run --finetune first")
+    result_path, result, device, batches, state = _after_finetuning(arch, prior, out, "grid")
     ft, s = result["finetuned"], _quantize_settings(arch, result["fast"])
     level = ft["points"][ft["headline"]]
-    device = default_device()
-    batches = _split(arch, result["train_limit"], 128, result["seed"])
-    for b in batches:
-        b.to(device)
-    state = out / "state" / "grid"
-    state.mkdir(parents=True, exist_ok=True)
     model = load_checkpoint(out / ft["checkpoint"])[0].to(device)
     pruned = compression.prune(model, level["thresholds"], _example_input(batches[1]))
     stem = f"{arch}-{prior}"
     points = [_grid_point(pruned, d, s, result["seed"], batches, state / f"{stem}-{d:g}.bc") for d in s["budgets"]]
-    paper = PAPER[(arch, prior)]["error"]
-    within = [p for p in points if p["error"] <= paper + 1e-9]
-    head = min(within, key=lambda p: p["coded_bytes"]) if within else min(points, key=lambda p: p["error"])
+    head = _smallest_at_paper_error(points, PAPER[(arch, prior)]["error"])
     seeds = _other_seeds(s["seeds"], result["seed"])
     head["other_seeds"] = [{"seed": seed, **{k: p[k] for k in ("error", "held_out_error", "coded_bytes")}}
                            for seed in seeds
@@ -632,6 +613,28 @@ def grid_run(arch: str, prior: str, out: Path) -> dict[str, Any]:
         print(f"{stem} uniform grid at budget {p['max_drop']:g}: {p['coded_bytes']:,} bytes, error "
               f"{p['error']:.2f}% ({p['seconds']:.0f} s)", flush=True)  # fmt: skip
     return result
+
+
+def _after_finetuning(arch: str, prior: str, out: Path, stage: str) -> tuple[Path, dict[str, Any], torch.device,
+                                                                          tuple, Path]:  # fmt: skip
+    """What ``--quantize`` and ``--grid`` start from: the finished, fine-tuned run's JSON path and
+    content, the device, its data split on that device and the stage's folder under ``out/state``."""
+    result_path, _, result = _finished(arch, prior, out, f"--{stage}")
+    if "finetuned" not in result:
+        raise FileNotFoundError(f"{result_path.name} has no fine-tuned headline: run --finetune first")
+    device = default_device()
+    batches = _split(arch, result["train_limit"], 128, result["seed"])
+    for b in batches:
+        b.to(device)
+    state = out / "state" / stage
+    state.mkdir(parents=True, exist_ok=True)
+    return result_path, result, device, batches, state
+
+
+def _smallest_at_paper_error(points: list[dict[str, Any]], paper: float) -> dict[str, Any]:
+    """The headline: the smallest file at or below the paper's test error, else the lowest error."""
+    within = [p for p in points if p["error"] <= paper + 1e-9]
+    return min(within, key=lambda p: p["coded_bytes"]) if within else min(points, key=lambda p: p["error"])
 
 
 def main(argv: list[str] | None = None) -> None:
