@@ -43,6 +43,7 @@ from .load_coded import (
 from .scales import HorseshoeScale, NormalJeffreysScale
 from .uniform_grid import GridStep
 
+PRECISION_MODELS = WEIGHT_MODELS[:3]  # the models of the bit-precision grid ("step" is the uniform grid's)
 MAX_MASK_PERIOD = 64  # select masks: the writer tries context periods 0..64 (28 fits MNIST's rows)
 _ROWS_PER_CHUNK = 1 << 22  # probability-table entries built at a time by the adaptive encoder
 _LN2 = math.log(2.0)
@@ -317,7 +318,7 @@ def _float_weights(w: torch.Tensor, bits: LayerBits, name: str, force: Optional[
     return spec, LayerCode(name, len(f.code), bits, str(model), _code_weights(f, model, enc), 0.0, bits.total, costs)
 
 
-def step_symbols(w: torch.Tensor, step: GridStep, name: str = "") -> tuple[np.ndarray, int, int]:
+def step_symbols(w: torch.Tensor, step: GridStep, name: str) -> tuple[np.ndarray, int, int]:
     """A grid layer's weights as symbols ``n - n_min`` (row-major), ``n_min`` and the alphabet size ``K``;
     a clear error unless every weight is ``step * n`` in float32 (as the reader computes it)."""
     w = w.detach().cpu().float().numpy().ravel()
@@ -335,14 +336,15 @@ def step_symbols(w: torch.Tensor, step: GridStep, name: str = "") -> tuple[np.nd
 def _step_weights(w: torch.Tensor, step: GridStep, name: str, enc: _Encoder) -> tuple[bytes, LayerCode]:
     """Spec fields and code of weights on a uniform grid (the ``step`` model), under the shorter context."""
     sym, n_min, K = step_symbols(w, step, name)
-    costs = {ctx: adaptive_bits(sym, weight_contexts(len(sym), w.shape[0], ctx), K) for ctx in (CTX_NONE, CTX_ROW)}
+    contexts = {c: weight_contexts(len(sym), w.shape[0], c) for c in (CTX_NONE, CTX_ROW)}
+    costs = {c: adaptive_bits(sym, x, K) for c, x in contexts.items()}
     ctx = min(costs, key=costs.get)
     f32_bits = int(np.float32(step.step).view(np.uint32))
     spec = _varints(0, 0, zigzag(0), WEIGHT_MODELS.index("step"), ctx, 0, f32_bits, zigzag(n_min), K)
-    bits = enc.adaptive(sym, weight_contexts(len(sym), w.shape[0], ctx), K)
-    named = {f"step(ctx={'row' if c else 'none'})": b for c, b in costs.items()}
-    return spec, LayerCode(name, len(sym), step, f"step(ctx={'row' if ctx else 'none'})", bits, 0.0,
-                           (K - 1).bit_length(), named)  # fmt: skip
+    bits = enc.adaptive(sym, contexts[ctx], K)
+    label = {CTX_NONE: "step(ctx=none)", CTX_ROW: "step(ctx=row)"}
+    return spec, LayerCode(name, len(sym), step, label[ctx], bits, 0.0, (K - 1).bit_length(),
+                           {label[c]: b for c, b in costs.items()})  # fmt: skip
 
 
 def encode_network(net: nn.Module, bits: Sequence[Union[LayerBits, GridStep]], model: Optional[str] = None) -> Encoded:
@@ -354,8 +356,8 @@ def encode_network(net: nn.Module, bits: Sequence[Union[LayerBits, GridStep]], m
     (no context, k = 0) forces one for every layer of ``LayerBits`` ("symbol" only where the
     layer's alphabet is small enough; others keep their best). Layers left plain keep float32 precision.
     """
-    if model is not None and model not in WEIGHT_MODELS[:3]:
-        raise ValueError(f"model must be None (the best per layer) or one of {WEIGHT_MODELS[:3]}, got {model!r}")
+    if model is not None and model not in PRECISION_MODELS:
+        raise ValueError(f"model must be None (the best per layer) or one of {PRECISION_MODELS}, got {model!r}")
     folded = fold_batchnorm(net.cpu())
     by_layer = _bits_by_layer(folded, bits)
     force = None if model is None else WeightModel(model)

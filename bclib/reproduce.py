@@ -596,11 +596,11 @@ def grid_run(arch: str, prior: str, out: Path) -> dict[str, Any]:
     stem = f"{arch}-{prior}"
     points = [_grid_point(pruned, d, s, result["seed"], batches, state / f"{stem}-{d:g}.bc") for d in s["budgets"]]
     head = _smallest_at_paper_error(points, PAPER[(arch, prior)]["error"])
-    seeds = _other_seeds(s["seeds"], result["seed"])
+    again = {seed: _grid_point(pruned, head["max_drop"], s, seed, batches,
+                               state / f"{stem}-{head['max_drop']:g}-seed{seed}.bc")
+             for seed in _other_seeds(s["seeds"], result["seed"])}  # fmt: skip
     head["other_seeds"] = [{"seed": seed, **{k: p[k] for k in ("error", "held_out_error", "coded_bytes")}}
-                           for seed in seeds
-                           for p in [_grid_point(pruned, head["max_drop"], s, seed, batches,
-                                                 state / f"{stem}-{head['max_drop']:g}-seed{seed}.bc")]]  # fmt: skip
+                           for seed, p in again.items()]  # fmt: skip
     blob = (state / f"{stem}-{head['max_drop']:g}.bc").read_bytes()
     atomic_write(out / f"{stem}-grid.bc", lambda f: f.write(blob))
     kl = sum(k.total for k in coded.kept_kl(copy.deepcopy(model).cpu(), level["thresholds"])) / 8

@@ -18,7 +18,8 @@ measures, for the network of ``quantized(prune(model, thresholds), bits)``:
   significand bits below the posterior's noise (``bclib.coded.bits_below_noise``);
 - the test error of the decoded file and of the quantized net (they must agree);
 - where ``reproduce --quantize`` ran, its headline file ``results/<run>-quantized.bc`` (the
-  fine-tuned net with bits fitted to the data): size, decoded test error, lzma over it.
+  fine-tuned net with bits fitted to the data), and where ``--grid`` ran,
+  ``results/<run>-grid.bc`` (on uniform grids): size, decoded test error, lzma over it.
 
 It writes each run's headline file to ``results/<arch>-<prior>.bc``, all numbers to
 ``results/bytes.json`` (atomically) and prints the tables. Time is not measured.
@@ -39,7 +40,7 @@ from bclib import coded, compression
 from bclib.atomic import atomic_write
 from bclib.config import results_dir
 from bclib.export import export_compressed
-from bclib.load_coded import WEIGHT_MODELS, load_coded
+from bclib.load_coded import load_coded
 from bclib.paper import PAPER
 from bclib.results import BYTES_GOALS, MNIST_RUNS, Run, load_runs, nearest_to_paper
 from bench_inference import mnist_test_set  # the sibling script (python puts its folder on sys.path)
@@ -95,7 +96,7 @@ def measure(run: Run, thresholds: list[float], tmp: Path, mnist: Optional[tuple[
         ],  # fmt: skip
     }
     if headline:
-        point["coded_bytes_by_model"] = {m: coded.encode_network(pruned, report.bits, m).size for m in WEIGHT_MODELS}
+        point["coded_bytes_by_model"] = {m: coded.encode_network(pruned, report.bits, m).size for m in coded.PRECISION_MODELS}
         point["coded_bytes_by_model"]["best per layer"] = enc.size
         point["weight_bits_by_model"] = {"best per layer": sum(l.weight_bits for l in enc.layers)}
         for fam in ("laplace", "gaussian"):
@@ -158,33 +159,39 @@ def model_table(runs: dict[str, dict[str, Any]]) -> str:
 
 
 
-def measure_fitted(run: Run, results: Path, mnist: Optional[tuple[torch.Tensor, torch.Tensor]]) -> Optional[dict[str, Any]]:
-    """The headline file of ``reproduce --quantize`` (bits fitted to the data): its size, the
-    test error of the decoded file (it must agree with the recorded one) and lzma over it."""
-    q = run.result.get("quantized")
+HEADLINES = {"fitted": "quantized", "grid": "grid"}  # bytes.json's key: the run JSON's section
+
+
+def measure_headline(run: Run, results: Path, mnist: Optional[tuple[torch.Tensor, torch.Tensor]],
+                     section: str) -> Optional[dict[str, Any]]:  # fmt: skip
+    """The headline file of ``reproduce --quantize`` (``section`` "quantized": bits fitted to the
+    data) or ``--grid`` ("grid": uniform grids): its size, the test error of the decoded file
+    (it must agree with the recorded one) and lzma over it."""
+    q = run.result.get(section)
     if q is None:
         return None
     head = q["points"][q["headline"]]
     data = (results / q["file"]).read_bytes()
-    point = {"max_drop": head["max_drop"], "bits": head["bits"], "coded_bytes": len(data),
-             "bitpacked_bytes": head["bitpacked_bytes"], "lzma_over_coded": lzma_sizes(data)["lzma2_raw"],
-             "kl_bytes": q["kl_bytes"], "error_recorded": head["error"]}  # fmt: skip
+    point = {"max_drop": head["max_drop"], "coded_bytes": len(data), "lzma_over_coded": lzma_sizes(data)["lzma2_raw"],
+             "kl_bytes": q["kl_bytes"], "error_recorded": head["error"],
+             **{k: head[k] for k in ("bits", "steps", "bitpacked_bytes") if k in head}}  # fmt: skip
     if mnist is not None:
         point["error_decoded"] = test_error(load_coded(results / q["file"]), *mnist)
     return point
 
 
-def fitted_table(runs: dict[str, dict[str, Any]]) -> str:
-    """Markdown: each run's file with bits fitted to the data, beside the KL and the goal."""
+def headline_table(runs: dict[str, dict[str, Any]], key: str) -> str:
+    """Markdown: each run's headline file under ``key`` ("fitted" or "grid"), beside the KL and the goal."""
     out = ["| run | budget | error % (decoded / recorded) | bit-packed | coded | raw lzma2 of coded | KL | goal met |",
            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for key, r in runs.items():
-        p = r.get("fitted")
+    for name, r in runs.items():
+        p = r.get(key)
         if p is None:
             continue
         err = f"{p['error_decoded']:.2f} / {p['error_recorded']:.2f}" if "error_decoded" in p else "n/a"
         met = "error_decoded" in p and p["coded_bytes"] <= r["goal"]["bytes"] and p["error_decoded"] <= r["goal"]["error"]
-        out.append(f"| {key} | {100 * p['max_drop']:.1f} | {err} | {p['bitpacked_bytes']:,} | **{p['coded_bytes']:,}** | "
+        packed = f"{p['bitpacked_bytes']:,}" if "bitpacked_bytes" in p else "–"
+        out.append(f"| {name} | {100 * p['max_drop']:.1f} | {err} | {packed} | **{p['coded_bytes']:,}** | "
                    f"{p['lzma_over_coded']:,} | {p['kl_bytes']:,.0f} | {'met' if met else 'missed'} |")  # fmt: skip
     return "\n".join(out)
 
@@ -204,9 +211,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         runs = {key: measure_run(run, Path(tmp), mnist, args.results) for key, run in found.items()}
     for key, run in found.items():
-        fitted = measure_fitted(run, args.results, mnist)
-        if fitted is not None:
-            runs[key]["fitted"] = fitted
+        for name, section in HEADLINES.items():
+            point = measure_headline(run, args.results, mnist, section)
+            if point is not None:
+                runs[key][name] = point
     out = args.results / "bytes.json"
     if out.is_file() and args.only is not None:  # keep the runs not measured this time
         runs = {**json.loads(out.read_text())["runs"], **runs}
@@ -217,7 +225,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     print()
     print(model_table(runs))
     print("\nBits fitted to the data (reproduce --quantize), the headline file of each run:\n")
-    print(fitted_table(runs))
+    print(headline_table(runs, "fitted"))
+    print("\nUniform grids (reproduce --grid), the headline file of each run:\n")
+    print(headline_table(runs, "grid"))
     print(f"\nwrote {out} and the headline files {args.results}/<run>.bc")
 
 

@@ -155,7 +155,7 @@ def test_grid_layers_round_trip_exactly(tmp_path: Path, arch: str) -> None:
     with torch.no_grad():
         assert torch.equal(got(x), net(x))
     assert enc.layers[0].model.startswith("step(")
-    sym, n_min, K = coded.step_symbols(former_group_layers(net)[0].weight, spec[0])
+    sym, n_min, K = coded.step_symbols(former_group_layers(net)[0].weight, spec[0], "0")
     assert enc.layers[0].width == math.ceil(math.log2(K))
     ctx = lc.weight_contexts(len(sym), former_group_layers(net)[0].weight.shape[0], 1 if "row" in enc.layers[0].model else 0)
     assert enc.layers[0].weight_bits == pytest.approx(kt_bits_closed_form(sym, ctx, K), rel=1e-9)
