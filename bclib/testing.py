@@ -14,6 +14,20 @@ from .convert import bayesian_layers
 HIGH_LOG_ALPHA = 4.0  # far above the thresholds (0) that sparsify returns
 
 
+class TinyResNet(nn.Module):
+    """A residual block with BatchNorm on 3-channel images, 4 classes: a net beyond a chain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn(self.stem(x)))
+        return self.fc(torch.relu(y + self.bn2(self.conv(y))).mean((2, 3)))
+
+
 @torch.no_grad()
 def sparsify(model: nn.Module, share: float = 0.4, seed: int = 0) -> list[float]:
     """Give ``round(share * groups)`` random groups of every group layer a high ``log_alpha``

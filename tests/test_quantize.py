@@ -13,7 +13,7 @@ from bclib.config import data_dir, results_dir
 from bclib.data import TensorBatches, load_mnist
 from bclib.load_coded import load_coded
 from bclib.precision import round_to_bits
-from bclib.testing import randomise_batchnorm, sparsify, synthetic_mnist
+from bclib.testing import TinyResNet, randomise_batchnorm, sparsify, synthetic_mnist
 from bclib.train import evaluate
 
 
@@ -230,21 +230,6 @@ def test_shipped_fitted_file_gives_its_recorded_error(run: str) -> None:
     paper = reproduce.PAPER[(r["arch"], r["prior"])]["error"]
     within = [p for p in q["points"] if p["error"] <= paper + 1e-9]
     assert head == (min(within, key=lambda p: p["coded_bytes"]) if within else min(q["points"], key=lambda p: p["error"]))
-
-
-class TinyResNet(nn.Module):
-    """A residual block with BatchNorm: what fit_bits must handle beyond a chain."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.conv, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(self.bn(self.stem(x)))
-        y = torch.relu(y + self.bn2(self.conv(y)))
-        return self.fc(y.mean((2, 3)))
 
 
 def test_fit_bits_on_a_pruned_residual_net_with_batchnorm() -> None:

@@ -18,7 +18,7 @@ from bclib.config import data_dir, results_dir
 from bclib.data import TensorBatches, load_mnist
 from bclib.load_coded import CodedFormatError, load_coded
 from bclib.paper import PAPER
-from bclib.testing import randomise_batchnorm, sparsify
+from bclib.testing import TinyResNet, randomise_batchnorm, sparsify
 from bclib.train import evaluate
 from bclib.uniform_grid import GridStep, on_steps, round_to_step
 
@@ -204,23 +204,9 @@ def test_a_damaged_step_spec_is_an_error_not_a_crash(tmp_path: Path) -> None:
 
 
 
-class ResidualNet(nn.Module):
-    """A residual block with BatchNorm: what fit_steps must handle beyond a chain."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.conv, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(self.bn(self.stem(x)))
-        return self.fc(torch.relu(y + self.bn2(self.conv(y))).mean((2, 3)))
-
-
 def test_fit_steps_on_a_pruned_residual_net_with_batchnorm() -> None:
     torch.manual_seed(0)
-    model = randomise_batchnorm(models.to_bayesian(ResidualNet(), "nj")).eval()
+    model = randomise_batchnorm(models.to_bayesian(TinyResNet(), "nj")).eval()
     x = torch.randn(256, 3, 8, 8)
     pruned = prune(model, sparsify(model, 0.3), x[:1])
     with torch.no_grad():
