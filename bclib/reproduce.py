@@ -516,24 +516,9 @@ def quantize_run(arch: str, prior: str, out: Path) -> dict[str, Any]:
     headline level's.
     """
     result_path, result, device, batches, state = _after_finetuning(arch, prior, out, "quantize")
-    ft, s = result["finetuned"], _quantize_settings(arch, result["fast"])
+    s = _quantize_settings(arch, result["fast"])
     paper = PAPER[(arch, prior)]["error"]
-    x = _example_input(batches[1])
-    levels = {}  # level name -> (fine-tuned model, thresholds, paper's bits, what the points record of it)
-    for i, p in enumerate(ft["points"]):
-        if i != ft["headline"] and p["error_compressed"] > paper + s["margin"]:
-            continue
-        stem = _level_stem(arch, prior, p)
-        path = out / ft["checkpoint"] if i == ft["headline"] else out / "state" / "finetune" / f"{stem}.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} (fine-tuned level {stem}) is missing: run --finetune --only "
-                                    f"{arch}-{prior} again, it keeps every level there")  # fmt: skip
-        model = load_checkpoint(path)[0].to(device)
-        kl = sum(k.total for k in coded.kept_kl(copy.deepcopy(model).cpu(), p["thresholds"])) / 8
-        bits = compression.compression_report(model, p["thresholds"], x).bits
-        about = {"finetuned_level": {k: p[k] for k in ("max_drop", "first_round") if k in p},
-                 "rate_pruning": p["rate_pruning"], "architecture": p["architecture"], "kl_bytes": kl}
-        levels[stem.removeprefix(f"{arch}-{prior}-")] = (model, p["thresholds"], bits, about)
+    levels, _ = _finetuned_levels(arch, prior, out, result, s["margin"], device, _example_input(batches[1]), True)
     points = []
     for name, (model, t, bits, about) in levels.items():
         for d in s["budgets"]:
@@ -563,6 +548,36 @@ def quantize_run(arch: str, prior: str, out: Path) -> dict[str, Any]:
     return result
 
 
+def _finetuned_levels(arch: str, prior: str, out: Path, result: dict[str, Any], margin: float, device: torch.device,
+                      x: torch.Tensor, require: bool) -> tuple[dict[str, tuple], list[str]]:  # fmt: skip
+    """The fine-tuned levels that ``--quantize`` and ``--grid`` start from: the headline
+    (``out/<run>-finetuned.pt``) and every level at most ``margin`` points above the paper's test
+    error (``out/state/finetune/``, which ``--finetune`` keeps and the repository does not).
+    Returns {level name: (model, thresholds, the paper's bits, what the points record of it)}
+    and the names of the levels whose checkpoints are missing; ``require``: raise instead."""
+    ft, paper = result["finetuned"], PAPER[(arch, prior)]["error"]
+    levels, missing = {}, []
+    for i, p in enumerate(ft["points"]):
+        if i != ft["headline"] and p["error_compressed"] > paper + margin:
+            continue
+        stem = _level_stem(arch, prior, p)
+        name = stem.removeprefix(f"{arch}-{prior}-")
+        path = out / ft["checkpoint"] if i == ft["headline"] else out / "state" / "finetune" / f"{stem}.pt"
+        if not path.is_file():
+            if require:
+                raise FileNotFoundError(f"{path} (fine-tuned level {stem}) is missing: run --finetune --only "
+                                        f"{arch}-{prior} again, it keeps every level there")  # fmt: skip
+            missing.append(name)
+            continue
+        model = load_checkpoint(path)[0].to(device)
+        kl = sum(k.total for k in coded.kept_kl(copy.deepcopy(model).cpu(), p["thresholds"])) / 8
+        bits = compression.compression_report(model, p["thresholds"], x).bits
+        about = {"finetuned_level": {k: p[k] for k in ("max_drop", "first_round") if k in p},
+                 "rate_pruning": p["rate_pruning"], "architecture": p["architecture"], "kl_bytes": kl}
+        levels[name] = (model, p["thresholds"], bits, about)
+    return levels, missing
+
+
 def _grid_point(pruned: nn.Module, max_drop: float, s: dict[str, Any], seed: int, batches: tuple,
                 path: Path) -> dict[str, Any]:  # fmt: skip
     """One budget of :func:`bclib.uniform_grid.fit_steps` (seeded), its coded file written and read back."""
@@ -580,38 +595,44 @@ def _grid_point(pruned: nn.Module, max_drop: float, s: dict[str, Any], seed: int
 def grid_run(arch: str, prior: str, out: Path) -> dict[str, Any]:
     """Uniform grids for a fine-tuned run (:mod:`bclib.uniform_grid`): its ``grid`` section, added to its JSON.
 
-    On the fine-tuned headline (``out/<arch>-<prior>-finetuned.pt``), for each budget of
+    On the fine-tuned levels of ``--quantize`` (:func:`_finetuned_levels`) whose checkpoints are
+    at hand (the headline always; ``levels_missing`` names the others), for each budget of
     :func:`_quantize_settings`, :func:`bclib.uniform_grid.fit_steps` chooses a step per layer on
     the held-out images and trains the pruned net through its rounding, seeded as
     :func:`quantize_run`; the coded file goes to ``out/state/grid/`` and is evaluated from that
     file. The headline is the smallest file at or below the paper's test error (the lowest error
-    where none is), copied to ``out/<arch>-<prior>-grid.bc``; its budget runs again with other
-    training seeds (``other_seeds``).
+    where none is), copied to ``out/<arch>-<prior>-grid.bc``; its level and budget run again with
+    other training seeds (``other_seeds``).
     """
     result_path, result, device, batches, state = _after_finetuning(arch, prior, out, "grid")
-    ft, s = result["finetuned"], _quantize_settings(arch, result["fast"])
-    level = ft["points"][ft["headline"]]
-    model = load_checkpoint(out / ft["checkpoint"])[0].to(device)
-    pruned = compression.prune(model, level["thresholds"], _example_input(batches[1]))
+    s = _quantize_settings(arch, result["fast"])
+    x = _example_input(batches[1])
+    levels, missing = _finetuned_levels(arch, prior, out, result, s["margin"], device, x, False)
+    if missing:
+        print(f"{arch}-{prior}: --grid without the fine-tuned levels {', '.join(missing)} (not in "
+              f"{out / 'state' / 'finetune'}; --finetune makes them)", flush=True)  # fmt: skip
+    pruned = {name: compression.prune(model, t, x) for name, (model, t, _, _) in levels.items()}
     stem = f"{arch}-{prior}"
-    points = [_grid_point(pruned, d, s, result["seed"], batches, state / f"{stem}-{d:g}.bc") for d in s["budgets"]]
+    points = [{"level": name, **about, **_grid_point(pruned[name], d, s, result["seed"], batches,
+                                                      state / f"{stem}-{name}-{d:g}.bc")}
+              for name, (_, _, _, about) in levels.items() for d in s["budgets"]]  # fmt: skip
     head = _smallest_at_paper_error(points, PAPER[(arch, prior)]["error"])
-    again = {seed: _grid_point(pruned, head["max_drop"], s, seed, batches,
-                               state / f"{stem}-{head['max_drop']:g}-seed{seed}.bc")
+    head_stem = f"{stem}-{head['level']}-{head['max_drop']:g}"
+    again = {seed: _grid_point(pruned[head["level"]], head["max_drop"], s, seed, batches,
+                               state / f"{head_stem}-seed{seed}.bc")
              for seed in _other_seeds(s["seeds"], result["seed"])}  # fmt: skip
     head["other_seeds"] = [{"seed": seed, **{k: p[k] for k in ("error", "held_out_error", "coded_bytes")}}
                            for seed, p in again.items()]  # fmt: skip
-    blob = (state / f"{stem}-{head['max_drop']:g}.bc").read_bytes()
+    blob = (state / f"{head_stem}.bc").read_bytes()
     atomic_write(out / f"{stem}-grid.bc", lambda f: f.write(blob))
-    kl = sum(k.total for k in coded.kept_kl(copy.deepcopy(model).cpu(), level["thresholds"])) / 8
-    result["grid"] = {**s, "seed": result["seed"], "rate_pruning": level["rate_pruning"], "kl_bytes": kl,
+    result["grid"] = {**s, "seed": result["seed"], "levels": list(levels), "levels_missing": missing,
                       "bias_significand": quantize.BIAS_SIGNIFICAND, "points": points,
                       "headline": points.index(head), "file": f"{stem}-grid.bc",
                       "device": _describe_device(device), "torch": torch.__version__}  # fmt: skip
     _atomic_json(result, result_path)
     for p in points:
-        print(f"{stem} uniform grid at budget {p['max_drop']:g}: {p['coded_bytes']:,} bytes, error "
-              f"{p['error']:.2f}% ({p['seconds']:.0f} s)", flush=True)  # fmt: skip
+        print(f"{stem} uniform grid on level {p['level']} at budget {p['max_drop']:g}: {p['coded_bytes']:,} bytes, "
+              f"error {p['error']:.2f}% ({p['seconds']:.0f} s)", flush=True)  # fmt: skip
     return result
 
 

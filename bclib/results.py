@@ -363,24 +363,24 @@ def quantized_table(results: list[Result]) -> str:
 
 def grid_table(results: list[Result]) -> str:
     """Markdown: uniform grids (``reproduce --grid``, :mod:`bclib.uniform_grid`) on each run's
-    fine-tuned headline, every budget, the headline marked, beside the fitted bits' file of the
+    fine-tuned levels, every budget, the headline marked, beside the fitted bits' file of the
     same level and budget (``reproduce --quantize``), the KL and the bytes goal; for the headline
-    also the test errors of its budget under other training seeds."""
-    rows = ["| run | pruning | budget (points) | test error % | held-out error % | coded bytes | "
-            "fitted bits, same level and budget | KL bytes | goal | other seeds: error % |",
+    also the test errors of its level and budget under other training seeds."""
+    rows = ["| run | fine-tuned level: budget, pruning | budget (points) | test error % | held-out error % | "
+            "coded bytes | fitted bits, same level and budget | KL bytes | goal | other seeds: error % |",
             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
         g = r["grid"]
         goal_bytes, goal_error = BYTES_GOALS.get(r["arch"], (None, None))
-        fitted = {p["max_drop"]: p for p in r.get("quantized", {}).get("points", [])
-                  if p["rate_pruning"] == g["rate_pruning"]}  # fmt: skip
+        fitted = {(p["level"], p["max_drop"]): p for p in r.get("quantized", {}).get("points", [])}
         for i, p in enumerate(g["points"]):
-            f = fitted.get(p["max_drop"])
+            f = fitted.get((p["level"], p["max_drop"]))
             beside = f"{f['coded_bytes']:,} at {f['error']:.2f} %" if f else "–"
             seeds = " ".join(f"{o['error']:.2f}" for o in p.get("other_seeds", []))
             met = goal_bytes is not None and p["coded_bytes"] <= goal_bytes and p["error"] <= goal_error + 1e-9
             goal = "–" if goal_bytes is None else f"{'met' if met else 'missed'} ({goal_bytes:,} at {goal_error:g} %)"
             rows.append(f"| {NET_NAMES[r['arch']]} {PRIOR_NAMES[r['prior']]}{' (headline)' if i == g['headline'] else ''} | "
-                        f"{g['rate_pruning']:.1f}x | {100 * p['max_drop']:.1f} | {p['error']:.2f} | {p['held_out_error']:.2f} | "
-                        f"**{p['coded_bytes']:,}** | {beside} | {g['kl_bytes']:,.0f} | {goal} | {seeds} |")  # fmt: skip
+                        f"{_level_budget(p['finetuned_level'])}, {p['rate_pruning']:.1f}x | {100 * p['max_drop']:.1f} | "
+                        f"{p['error']:.2f} | {p['held_out_error']:.2f} | **{p['coded_bytes']:,}** | {beside} | "
+                        f"{p['kl_bytes']:,.0f} | {goal} | {seeds} |")  # fmt: skip
     return "\n".join(rows) + "\n"

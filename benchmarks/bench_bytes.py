@@ -173,7 +173,7 @@ def measure_headline(run: Run, results: Path, mnist: Optional[tuple[torch.Tensor
     head = q["points"][q["headline"]]
     data = (results / q["file"]).read_bytes()
     point = {"max_drop": head["max_drop"], "coded_bytes": len(data), "lzma_over_coded": lzma_sizes(data)["lzma2_raw"],
-             "kl_bytes": q["kl_bytes"], "error_recorded": head["error"],
+             "kl_bytes": head["kl_bytes"], "error_recorded": head["error"],
              **{k: head[k] for k in ("bits", "steps", "bitpacked_bytes") if k in head}}  # fmt: skip
     if mnist is not None:
         point["error_decoded"] = test_error(load_coded(results / q["file"]), *mnist)

@@ -186,7 +186,8 @@ def test_fast_quantize_stage_writes_its_section_and_file(tmp_path, monkeypatch) 
     reproduce.main(args + ["--grid"])  # uniform grids on the same fine-tuned headline
     g = json.loads((tmp_path / "lenet_300_100-nj.json").read_text())["grid"]
     head = g["points"][g["headline"]]
-    assert [p["max_drop"] for p in g["points"]] == qs["budgets"] and g["rate_pruning"] == ft_head["rate_pruning"]
+    assert [(p["level"], p["max_drop"]) for p in g["points"]] == [(p["level"], p["max_drop"]) for p in q["points"]]
+    assert g["levels_missing"] == []  # the same levels and budgets as --quantize
     path = tmp_path / g["file"]
     assert path.stat().st_size == head["coded_bytes"]
     net = load_coded(path)
