@@ -432,13 +432,19 @@ def copy_pruned(net: nn.Module) -> nn.Module:
     return out
 
 
-def former_group_layers(net: nn.Module) -> list[nn.Module]:
-    """The layers whose weights take bit widths: ``prune``'s former group layers in order or, in
-    a plain net of other origin, its linear and conv layers in order."""
+def former_group_layer_names(net: nn.Module) -> list[str]:
+    """The names of the layers whose weights take bit widths: ``prune``'s former group layers in
+    order (``net.bayesian_layer_names``) or, in a plain net of other origin, its linear and conv
+    layers in order."""
     names = getattr(net, "bayesian_layer_names", None)
     if names is not None:
-        return [net.get_submodule(n) for n in names]
-    return [m for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+        return list(names)
+    return [n for n, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+
+
+def former_group_layers(net: nn.Module) -> list[nn.Module]:
+    """The modules of :func:`former_group_layer_names`, in order."""
+    return [net.get_submodule(n) for n in former_group_layer_names(net)]
 
 
 def check_bits(bits: Any, layers: Sequence[nn.Module]) -> None:

@@ -32,7 +32,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from . import precision
 from .atomic import atomic_write
-from .compression import LayerBits, compression_report, prune
+from .compression import LayerBits, compression_report, former_group_layer_names, prune
 from .convert import bayesian_layers
 from .load_compressed import FORMAT_VERSION, HEADER, LENGTHS, MAGIC
 
@@ -241,9 +241,7 @@ def _bits_by_layer(net: nn.Module, bits: Sequence[LayerBits]) -> dict[str, Layer
     These, in this order, are the layers of ``compression_report(...).bits`` and those that
     ``bclib.compression.quantized`` rounds; any other layer keeps float32 precision.
     """
-    names = getattr(net, "bayesian_layer_names", None)
-    if names is None:
-        names = [name for name, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    names = former_group_layer_names(net)
     if len(bits) != len(names):
         raise ValueError(
             f"got {len(bits)} bit widths for {len(names)} layers ({', '.join(names)}): give one LayerBits per layer"

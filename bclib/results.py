@@ -337,6 +337,20 @@ def _seed_errors(q: Result) -> str:
 BYTES_GOALS = {"lenet_300_100": (5000, 1.8), "lenet5_caffe": (1500, 1.0)}
 
 
+def _goal_cell(arch: str, p: dict[str, Any]) -> str:
+    """Whether a coded file meets the bytes goal of its network (``BYTES_GOALS``), with the goal."""
+    if arch not in BYTES_GOALS:
+        return "–"
+    goal_bytes, goal_error = BYTES_GOALS[arch]
+    met = p["coded_bytes"] <= goal_bytes and p["error"] <= goal_error + 1e-9
+    return f"{'met' if met else 'missed'} ({goal_bytes:,} at {goal_error:g} %)"
+
+
+def _seeds_cell(p: dict[str, Any]) -> str:
+    """The test errors of a headline's point trained with other seeds (empty for other points)."""
+    return " ".join(f"{o['error']:.2f}" for o in p.get("other_seeds", []))
+
+
 def quantized_table(results: list[Result]) -> str:
     """Markdown: bits fitted to the data (``reproduce --quantize``, :mod:`bclib.quantize`), every
     fine-tuned level and budget of every run, the headline marked, beside the KL of the level's
@@ -347,12 +361,9 @@ def quantized_table(results: list[Result]) -> str:
             "other seeds: error % |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
         q = r["quantized"]
-        goal_bytes, goal_error = BYTES_GOALS.get(r["arch"], (None, None))
         for i, p in enumerate(q["points"]):
             bits = " ".join(f"1+{e}+{s}" for e, s in p["bits"])
-            seeds = " ".join(f"{o['error']:.2f}" for o in p.get("other_seeds", []))
-            met = goal_bytes is not None and p["coded_bytes"] <= goal_bytes and p["error"] <= goal_error + 1e-9
-            goal = "–" if goal_bytes is None else f"{'met' if met else 'missed'} ({goal_bytes:,} at {goal_error:g} %)"
+            seeds, goal = _seeds_cell(p), _goal_cell(r["arch"], p)
             level = _level_budget(p["finetuned_level"])
             rows.append(f"| {NET_NAMES[r['arch']]} {PRIOR_NAMES[r['prior']]}{' (headline)' if i == q['headline'] else ''} | "
                         f"{level}, {p['rate_pruning']:.1f}x | {100 * p['max_drop']:.1f} | {p['error']:.2f} | "
@@ -371,14 +382,11 @@ def grid_table(results: list[Result]) -> str:
             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
         g = r["grid"]
-        goal_bytes, goal_error = BYTES_GOALS.get(r["arch"], (None, None))
         fitted = {(p["level"], p["max_drop"]): p for p in r.get("quantized", {}).get("points", [])}
         for i, p in enumerate(g["points"]):
             f = fitted.get((p["level"], p["max_drop"]))
             beside = f"{f['coded_bytes']:,} at {f['error']:.2f} %" if f else "–"
-            seeds = " ".join(f"{o['error']:.2f}" for o in p.get("other_seeds", []))
-            met = goal_bytes is not None and p["coded_bytes"] <= goal_bytes and p["error"] <= goal_error + 1e-9
-            goal = "–" if goal_bytes is None else f"{'met' if met else 'missed'} ({goal_bytes:,} at {goal_error:g} %)"
+            seeds, goal = _seeds_cell(p), _goal_cell(r["arch"], p)
             rows.append(f"| {NET_NAMES[r['arch']]} {PRIOR_NAMES[r['prior']]}{' (headline)' if i == g['headline'] else ''} | "
                         f"{_level_budget(p['finetuned_level'])}, {p['rate_pruning']:.1f}x | {100 * p['max_drop']:.1f} | "
                         f"{p['error']:.2f} | {p['held_out_error']:.2f} | **{p['coded_bytes']:,}** | {beside} | "

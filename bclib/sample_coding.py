@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .compression import copy_pruned, former_group_layers
+from .compression import copy_pruned, former_group_layer_names, former_group_layers
 
 SCALE_BITS = 32  # the coding prior's scale s, per layer
 
@@ -188,9 +188,8 @@ def progressive_code(pruned: nn.Module, std: Sequence[torch.Tensor], train_batch
         raise ValueError(f"beta must be a positive number (the KL's weight; 1: the ELBO), got {beta!r}")
     _checked_layers(pruned, std)
     net = copy_pruned(pruned)
-    names = getattr(net, "bayesian_layer_names", None) or [
-        n for n, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
-    plain = former_group_layers(net)
+    names = former_group_layer_names(net)
+    plain = [net.get_submodule(n) for n in names]
     counts = [len(y) for _, y in train_batches]
     size = (sum(counts), len(counts))
     torch.manual_seed(seed)

@@ -127,6 +127,12 @@ def _ascend(net: nn.Module, rungs: list[int], accuracy_of: Callable[[nn.Module],
     return rungs
 
 
+def _start(net: nn.Module, accuracy_of: Callable[[nn.Module], float], max_drop: float) -> tuple[list[int], float]:
+    """Every layer on the finest rung, and the floor: that rounding's accuracy less ``max_drop``."""
+    rungs = [FINEST] * len(former_group_layers(net))
+    return rungs, _accuracy(accuracy_of(on_steps(net, _rung_steps(net, rungs)))) - max_drop
+
+
 def search_steps(net: nn.Module, accuracy_of: Callable[[nn.Module], float], max_drop: float = 0.001,
                  passes: int = 2) -> list[GridStep]:  # fmt: skip
     """Coarsen the grid steps of a pruned net while its rounding's held-out accuracy stays within ``max_drop``.
@@ -136,8 +142,7 @@ def search_steps(net: nn.Module, accuracy_of: Callable[[nn.Module], float], max_
     times. ``accuracy_of(net)`` scores a plain net on held-out data (not the test set).
     """
     check_search(accuracy_of, max_drop, passes)
-    rungs = [FINEST] * len(former_group_layers(net))
-    floor = _accuracy(accuracy_of(on_steps(net, _rung_steps(net, rungs)))) - max_drop
+    rungs, floor = _start(net, accuracy_of, max_drop)
     return _rung_steps(net, _ascend(net, rungs, accuracy_of, floor, passes))
 
 
@@ -150,8 +155,7 @@ def fit_steps(net: nn.Module, accuracy_of: Callable[[nn.Module], float], train_b
     check_search(accuracy_of, max_drop, passes)
     if not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be a whole number >= 1, got {rounds!r}")
-    rungs = [FINEST] * len(former_group_layers(net))
-    floor = _accuracy(accuracy_of(on_steps(net, _rung_steps(net, rungs)))) - max_drop
+    rungs, floor = _start(net, accuracy_of, max_drop)
     for _ in range(rounds):
         rungs = _ascend(net, rungs, accuracy_of, floor, passes)
         steps = _rung_steps(net, rungs)
