@@ -351,17 +351,19 @@ def _seeds_cell(p: dict[str, Any]) -> str:
     return " ".join(f"{o['error']:.2f}" for o in p.get("other_seeds", []))
 
 
-def quantized_table(results: list[Result]) -> str:
+def quantized_table(results: list[Result], headlines: bool = False) -> str:
     """Markdown: bits fitted to the data (``reproduce --quantize``, :mod:`bclib.quantize`), every
-    fine-tuned level and budget of every run, the headline marked, beside the KL of the level's
-    posterior and the bytes goal; for the headline also the test errors of its budget under
-    other training seeds."""
+    fine-tuned level and budget of every run (``headlines``: the headline alone), the headline
+    marked, beside the KL of the level's posterior and the bytes goal; for the headline also the
+    test errors of its budget under other training seeds."""
     rows = ["| run | fine-tuned level: budget, pruning | budget (points) | test error % | held-out error % | "
             "coded bytes | bit-packed bytes | KL bytes | precision rate | bits per layer | goal | "
             "other seeds: error % |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
         q = r["quantized"]
         for i, p in enumerate(q["points"]):
+            if headlines and i != q["headline"]:
+                continue
             bits = " ".join(f"1+{e}+{s}" for e, s in p["bits"])
             seeds, goal = _seeds_cell(p), _goal_cell(r["arch"], p)
             level = _level_budget(p["finetuned_level"])
@@ -372,11 +374,12 @@ def quantized_table(results: list[Result]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def grid_table(results: list[Result]) -> str:
+def grid_table(results: list[Result], headlines: bool = False) -> str:
     """Markdown: uniform grids (``reproduce --grid``, :mod:`bclib.uniform_grid`) on each run's
-    fine-tuned levels, every budget, the headline marked, beside the fitted bits' file of the
-    same level and budget (``reproduce --quantize``), the KL and the bytes goal; for the headline
-    also the test errors of its level and budget under other training seeds."""
+    fine-tuned levels, every budget (``headlines``: the headline alone), the headline marked,
+    beside the fitted bits' file of the same level and budget (``reproduce --quantize``), the KL
+    and the bytes goal; for the headline also the test errors of its level and budget under
+    other training seeds."""
     rows = ["| run | fine-tuned level: budget, pruning | budget (points) | test error % | held-out error % | "
             "coded bytes | fitted bits, same level and budget | KL bytes | goal | other seeds: error % |",
             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -384,6 +387,8 @@ def grid_table(results: list[Result]) -> str:
         g = r["grid"]
         fitted = {(p["level"], p["max_drop"]): p for p in r.get("quantized", {}).get("points", [])}
         for i, p in enumerate(g["points"]):
+            if headlines and i != g["headline"]:
+                continue
             f = fitted.get((p["level"], p["max_drop"]))
             beside = f"{f['coded_bytes']:,} at {f['error']:.2f} %" if f else "–"
             seeds, goal = _seeds_cell(p), _goal_cell(r["arch"], p)

@@ -132,3 +132,15 @@ def test_shipped_runs_agree_with_their_checkpoints():
             assert results.weights_of_kept_groups(arch, results.kept_groups(dict(p, arch=arch))) == p["weights_kept"]
     table = results.matched_table([run.result for run in found.values()])
     assert "9.3? (derived)" in table and "9.5? (derived)" in table
+
+
+@pytest.mark.skipif(not (results_dir() / "lenet5_caffe-nj.json").is_file(), reason="no shipped runs")
+@pytest.mark.parametrize("table, section", [(results.quantized_table, "quantized"), (results.grid_table, "grid")])
+def test_headline_tables_hold_each_runs_headline_row_of_the_full_table(table, section):
+    runs = [json.loads((results_dir() / f"{key}.json").read_text()) for key in ("lenet5_caffe-nj", "lenet_300_100-hs")]
+    full, heads = table(runs).splitlines(), table(runs, headlines=True).splitlines()
+    assert heads[:2] == full[:2]
+    assert len(full) == 2 + sum(len(r[section]["points"]) for r in runs)
+    assert heads[2:] == [line for line in full[2:] if "(headline)" in line] and len(heads) == 2 + len(runs)
+    for line, r in zip(heads[2:], runs):
+        assert f"**{r[section]['points'][r[section]['headline']]['coded_bytes']:,}**" in line
