@@ -353,8 +353,8 @@ def _seeds_cell(p: dict[str, Any]) -> str:
 
 def quantized_table(results: list[Result], headlines: bool = False) -> str:
     """Markdown: bits fitted to the data (``reproduce --quantize``, :mod:`bclib.quantize`), every
-    fine-tuned level and budget of every run (``headlines``: the headline alone), the headline
-    marked, beside the KL of the level's posterior and the bytes goal; for the headline also the
+    fine-tuned level and budget of every run, the headline marked (``headlines``: the headline
+    alone), beside the KL of the level's posterior and the bytes goal; for the headline also the
     test errors of its budget under other training seeds."""
     rows = ["| run | fine-tuned level: budget, pruning | budget (points) | test error % | held-out error % | "
             "coded bytes | bit-packed bytes | KL bytes | precision rate | bits per layer | goal | "
@@ -367,7 +367,7 @@ def quantized_table(results: list[Result], headlines: bool = False) -> str:
             bits = " ".join(f"1+{e}+{s}" for e, s in p["bits"])
             seeds, goal = _seeds_cell(p), _goal_cell(r["arch"], p)
             level = _level_budget(p["finetuned_level"])
-            rows.append(f"| {NET_NAMES[r['arch']]} {PRIOR_NAMES[r['prior']]}{' (headline)' if i == q['headline'] else ''} | "
+            rows.append(f"| {NET_NAMES[r['arch']]} {PRIOR_NAMES[r['prior']]}{' (headline)' if i == q['headline'] and not headlines else ''} | "
                         f"{level}, {p['rate_pruning']:.1f}x | {100 * p['max_drop']:.1f} | {p['error']:.2f} | "
                         f"{p['held_out_error']:.2f} | **{p['coded_bytes']:,}** | {p['bitpacked_bytes']:,} | "
                         f"{p['kl_bytes']:,.0f} | {p['rate_precision']:.0f} | {bits} | {goal} | {seeds} |")  # fmt: skip
@@ -376,7 +376,7 @@ def quantized_table(results: list[Result], headlines: bool = False) -> str:
 
 def grid_table(results: list[Result], headlines: bool = False) -> str:
     """Markdown: uniform grids (``reproduce --grid``, :mod:`bclib.uniform_grid`) on each run's
-    fine-tuned levels, every budget (``headlines``: the headline alone), the headline marked,
+    fine-tuned levels, every budget, the headline marked (``headlines``: the headline alone),
     beside the fitted bits' file of the same level and budget (``reproduce --quantize``), the KL
     and the bytes goal; for the headline also the test errors of its level and budget under
     other training seeds."""
@@ -392,7 +392,7 @@ def grid_table(results: list[Result], headlines: bool = False) -> str:
             f = fitted.get((p["level"], p["max_drop"]))
             beside = f"{f['coded_bytes']:,} at {f['error']:.2f} %" if f else "–"
             seeds, goal = _seeds_cell(p), _goal_cell(r["arch"], p)
-            rows.append(f"| {NET_NAMES[r['arch']]} {PRIOR_NAMES[r['prior']]}{' (headline)' if i == g['headline'] else ''} | "
+            rows.append(f"| {NET_NAMES[r['arch']]} {PRIOR_NAMES[r['prior']]}{' (headline)' if i == g['headline'] and not headlines else ''} | "
                         f"{_level_budget(p['finetuned_level'])}, {p['rate_pruning']:.1f}x | {100 * p['max_drop']:.1f} | "
                         f"{p['error']:.2f} | {p['held_out_error']:.2f} | **{p['coded_bytes']:,}** | {beside} | "
                         f"{p['kl_bytes']:,.0f} | {goal} | {seeds} |")  # fmt: skip

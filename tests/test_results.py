@@ -141,6 +141,7 @@ def test_headline_tables_hold_each_runs_headline_row_of_the_full_table(table, se
     full, heads = table(runs).splitlines(), table(runs, headlines=True).splitlines()
     assert heads[:2] == full[:2]
     assert len(full) == 2 + sum(len(r[section]["points"]) for r in runs)
-    assert heads[2:] == [line for line in full[2:] if "(headline)" in line] and len(heads) == 2 + len(runs)
+    marked = [line.replace(" (headline)", "") for line in full[2:] if "(headline)" in line]
+    assert heads[2:] == marked and len(heads) == 2 + len(runs)
     for line, r in zip(heads[2:], runs):
         assert f"**{r[section]['points'][r[section]['headline']]['coded_bytes']:,}**" in line
