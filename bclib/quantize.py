@@ -57,19 +57,38 @@ def train_on_grid(net: nn.Module, bits: Sequence[LayerBits], train_batches: Batc
     return train_through(net, train_batches, epochs, lr, lambda i, layer: _OnGrid(bits[i]))
 
 
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
+    """Knowledge distillation (Hinton, Vinyals and Dean 2015): ``T^2 KL(softmax(t/T) || softmax(s/T))``
+    for student logits ``s`` and teacher logits ``t``, averaged over the batch.
+
+    The factor ``T^2`` keeps the gradient's size as ``T`` changes: it is
+    ``T (softmax(s/T) - softmax(t/T)) / N``.
+    """
+    t = temperature
+    log_q, log_p = nn.functional.log_softmax(logits / t, 1), nn.functional.log_softmax(teacher_logits / t, 1)
+    return t * t * nn.functional.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+
+
 def train_through(net: nn.Module, train_batches: Batches, epochs: int, lr: float,
                   rounding: Callable[[int, nn.Module], nn.Module],
-                  after_epoch: Optional[Callable[[list[tuple[int, nn.Module]]], None]] = None) -> nn.Module:  # fmt: skip
+                  after_epoch: Optional[Callable[[list[tuple[int, nn.Module]]], None]] = None,
+                  teacher: Optional[nn.Module] = None, temperature: float = 2.0) -> nn.Module:  # fmt: skip
     """The training loop of :func:`train_on_grid` through any rounding.
 
     ``rounding(i, layer)`` gives the parametrization of former group layer ``i``'s weight (its
     forward rounds, its gradient is the identity); ``after_epoch`` sees the ``(i, layer)`` pairs
-    after every epoch. Returns the trained copy with its float weights.
+    after every epoch. The loss is the cross-entropy with the labels, or with a ``teacher`` (put
+    in eval mode: a Bayesian net predicts with its posterior means) :func:`distillation_loss`
+    towards its outputs at ``temperature``. Returns the trained copy with its float weights.
     """
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
         raise ValueError(f"epochs must be a whole number >= 0, got {epochs!r}")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if teacher is not None and not isinstance(teacher, nn.Module):
+        raise TypeError(f"teacher must be a torch module (the network to distil from), got {type(teacher).__name__}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
     out = copy_pruned(net)
     if epochs == 0:
         return out.eval()
@@ -81,9 +100,16 @@ def train_through(net: nn.Module, train_batches: Batches, epochs: int, lr: float
         opt = torch.optim.Adam(out.parameters(), lr=lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: max(0.0, 1.0 - k / steps))
         out.train()
+        if teacher is not None:
+            teacher.eval()
         for _ in range(epochs):
             for x, y in train_batches:
-                loss = nn.functional.cross_entropy(out(x), y)
+                if teacher is None:
+                    loss = nn.functional.cross_entropy(out(x), y)
+                else:
+                    with torch.no_grad():
+                        target = teacher(x)
+                    loss = distillation_loss(out(x), target, temperature)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

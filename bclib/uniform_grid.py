@@ -98,11 +98,12 @@ class _OnStep(nn.Module):
 
 
 def train_on_steps(net: nn.Module, steps: Sequence[GridStep], train_batches: Batches, epochs: int,
-                   lr: float = 1e-3) -> nn.Module:  # fmt: skip
+                   lr: float = 1e-3, teacher: Optional[nn.Module] = None) -> nn.Module:  # fmt: skip
     """A copy of the pruned ``net`` trained ``epochs`` through its rounding to ``steps``
-    (as :func:`bclib.quantize.train_on_grid`); store ``on_steps(copy, steps, ...)``."""
+    (as :func:`bclib.quantize.train_on_grid`; with a ``teacher``, distilled from its outputs:
+    :func:`bclib.quantize.train_through`); store ``on_steps(copy, steps, ...)``."""
     check_steps(steps, former_group_layers(net))
-    return train_through(net, train_batches, epochs, lr, lambda i, layer: _OnStep(steps[i]))
+    return train_through(net, train_batches, epochs, lr, lambda i, layer: _OnStep(steps[i]), teacher=teacher)
 
 
 def _rms(w: torch.Tensor) -> float:
@@ -148,10 +149,10 @@ def search_steps(net: nn.Module, accuracy_of: Callable[[nn.Module], float], max_
 
 def fit_steps(net: nn.Module, accuracy_of: Callable[[nn.Module], float], train_batches: Batches,
               max_drop: float = 0.001, rounds: int = 1, epochs: int = 3, lr: float = 1e-3,
-              passes: int = 2) -> tuple[nn.Module, list[GridStep]]:  # fmt: skip
-    """:func:`search_steps` and :func:`train_on_steps` in turn, ``rounds`` times (as
-    :func:`bclib.quantize.fit_bits`; the floor stays the start's). Returns the trained net (float
-    weights: store ``on_steps(net, steps, quantize.BIAS_SIGNIFICAND)``) and its steps."""
+              passes: int = 2, teacher: Optional[nn.Module] = None) -> tuple[nn.Module, list[GridStep]]:  # fmt: skip
+    """:func:`search_steps` and :func:`train_on_steps` (with its ``teacher``) in turn, ``rounds``
+    times (as :func:`bclib.quantize.fit_bits`; the floor stays the start's). Returns the trained
+    net (float weights: store ``on_steps(net, steps, quantize.BIAS_SIGNIFICAND)``) and its steps."""
     check_search(accuracy_of, max_drop, passes)
     if not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be a whole number >= 1, got {rounds!r}")
@@ -159,5 +160,5 @@ def fit_steps(net: nn.Module, accuracy_of: Callable[[nn.Module], float], train_b
     for _ in range(rounds):
         rungs = _ascend(net, rungs, accuracy_of, floor, passes)
         steps = _rung_steps(net, rungs)
-        net = train_on_steps(net, steps, train_batches, epochs, lr)
+        net = train_on_steps(net, steps, train_batches, epochs, lr, teacher)
     return net, steps

@@ -111,6 +111,41 @@ def test_training_on_the_steps_recovers_what_rounding_lost() -> None:
     assert not torch.equal(net[0].weight, student[0].weight)
 
 
+def test_distillation_loss_matches_numpy_and_its_gradient_the_closed_form() -> None:
+    g = torch.Generator().manual_seed(3)
+    s, t, T = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randn(6, 5, generator=g, dtype=torch.float64), 2.5
+    s.requires_grad_(True)
+    loss = quantize.distillation_loss(s, t, T)
+    sn, tn = s.detach().numpy() / T, t.numpy() / T
+    log_q = sn - np.log(np.exp(sn).sum(1, keepdims=True))
+    log_p = tn - np.log(np.exp(tn).sum(1, keepdims=True))
+    assert loss.item() == pytest.approx(T * T * (np.exp(log_p) * (log_p - log_q)).sum(1).mean(), rel=1e-12)
+    loss.backward()
+    assert np.allclose(s.grad.numpy(), T * (np.exp(log_q) - np.exp(log_p)) / len(sn), atol=1e-12)
+
+
+def test_training_with_a_teacher_follows_the_teacher_not_the_labels() -> None:
+    """Labels from one linear map, a teacher that is another: distilled through the rounding,
+    the student ends nearer the teacher's outputs than label training takes it."""
+    x, y, _ = task()
+    _, _, other = task(seed=1)
+    torch.manual_seed(1)
+    student = nn.Sequential(nn.Linear(12, 5))
+    steps, batches = [GridStep(0.1)], TensorBatches(x, y, 128, shuffle=True)
+    trained = {}
+    for name, teacher in (("labels", None), ("teacher", other)):
+        torch.manual_seed(0)
+        trained[name] = uniform_grid.train_on_steps(student, steps, batches, 5, 5e-2, teacher=teacher)
+    with torch.no_grad():
+        kl = {k: quantize.distillation_loss(on_steps(n, steps)(x), other(x)).item() for k, n in trained.items()}
+    assert kl["teacher"] < kl["labels"] / 10
+    assert accuracy(on_steps(trained["teacher"], steps), x, other(x).argmax(1)) > 0.9
+    with pytest.raises(TypeError, match="teacher"):
+        uniform_grid.train_on_steps(student, steps, batches, 1, teacher=lambda x: x)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="temperature"):
+        quantize.train_through(student, batches, 1, 1e-3, lambda i, m: nn.Identity(), teacher=other, temperature=0)
+
+
 def test_bad_arguments_name_themselves() -> None:
     net = nn.Sequential(nn.Linear(12, 5), nn.ReLU(), nn.Linear(5, 5))
     with pytest.raises(ValueError, match="2 layers"):
