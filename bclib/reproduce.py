@@ -26,7 +26,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -579,14 +579,15 @@ def _finetuned_levels(arch: str, prior: str, out: Path, result: dict[str, Any], 
 
 
 def _grid_point(pruned: nn.Module, max_drop: float, s: dict[str, Any], seed: int, batches: tuple,
-                path: Path) -> dict[str, Any]:  # fmt: skip
-    """One budget of :func:`bclib.uniform_grid.fit_steps` (seeded), its coded file written and read back."""
+                path: Path, teacher: Optional[nn.Module] = None) -> dict[str, Any]:  # fmt: skip
+    """One budget of :func:`bclib.uniform_grid.fit_steps` (seeded; trained on the labels, or
+    distilled from ``teacher``), its coded file written and read back."""
     train_b, val_b, _ = batches
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     train_b.generator.manual_seed(seed)
     net, steps = uniform_grid.fit_steps(pruned, lambda n: evaluate(n, val_b), train_b, max_drop, rounds=s["rounds"],
-                                        epochs=s["epochs"], lr=s["lr"])  # fmt: skip
+                                        epochs=s["epochs"], lr=s["lr"], teacher=teacher)  # fmt: skip
     stored = uniform_grid.on_steps(net, steps, quantize.BIAS_SIGNIFICAND).cpu()
     _, point = _file_point(stored, steps, batches, path)
     return {"max_drop": max_drop, "steps": [g.step for g in steps], **point, "seconds": time.perf_counter() - t0}

@@ -16,11 +16,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import torch
-
-from bclib import compression, quantize, reproduce, uniform_grid
+from bclib import compression, reproduce
 from bclib.config import results_dir
-from bclib.train import evaluate, load_checkpoint
+from bclib.train import load_checkpoint
 
 
 def main() -> None:
@@ -45,22 +43,15 @@ def main() -> None:
     model, thresholds, _, about = levels[name]
     pruned = compression.prune(model, thresholds, x)
     teacher = load_checkpoint(bayes_path)[0]
-    train_b, val_b, _ = batches
     print(f"{args.arch}-{args.prior} seed {result['seed']}, level {name} ({about['rate_pruning']:.1f}x): "
           "coded bytes, test error % (labels | distilled)", flush=True)  # fmt: skip
     with tempfile.TemporaryDirectory() as d:
         for budget in args.budgets:
             for seed in args.seeds:
-                row = []
-                for t in (None, teacher):
-                    torch.manual_seed(seed)
-                    train_b.generator.manual_seed(seed)
-                    net, steps = uniform_grid.fit_steps(pruned, lambda n: evaluate(n, val_b), train_b, budget,
-                                                        rounds=s["rounds"], epochs=s["epochs"], lr=s["lr"], teacher=t)  # fmt: skip
-                    stored = uniform_grid.on_steps(net, steps, quantize.BIAS_SIGNIFICAND).cpu()
-                    _, p = reproduce._file_point(stored, steps, batches, Path(d) / "grid.bc")
-                    row.append(f"{p['coded_bytes']:,} B {p['error']:.2f} %")
-                print(f"  budget {budget:g}, training seed {seed}: {row[0]} | {row[1]}", flush=True)
+                row = [reproduce._grid_point(pruned, budget, s, seed, batches, Path(d) / "grid.bc", teacher=t)
+                       for t in (None, teacher)]  # fmt: skip
+                print(f"  budget {budget:g}, training seed {seed}: "
+                      + " | ".join(f"{p['coded_bytes']:,} B {p['error']:.2f} %" for p in row), flush=True)
 
 
 if __name__ == "__main__":
