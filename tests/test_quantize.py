@@ -183,8 +183,12 @@ def test_fast_quantize_stage_writes_its_section_and_file(tmp_path, monkeypatch) 
     drop = lambda points: [{k: v for k, v in p.items() if k != "seconds"} for p in points]  # noqa: E731
     assert drop(again["points"]) == drop(q["points"])
     assert path.read_bytes() == first
+    calls = []  # LeNet-300-100's grids are distilled from the Bayesian net: the loss is called
+    loss = quantize.distillation_loss
+    monkeypatch.setattr(quantize, "distillation_loss", lambda *a, **k: calls.append(1) or loss(*a, **k))
     reproduce.main(args + ["--grid"])  # uniform grids on the same fine-tuned headline
     g = json.loads((tmp_path / "lenet_300_100-nj.json").read_text())["grid"]
+    assert g["distil"] and calls
     head = g["points"][g["headline"]]
     assert [(p["level"], p["max_drop"]) for p in g["points"]] == [(p["level"], p["max_drop"]) for p in q["points"]]
     assert g["levels_missing"] == []  # the same levels and budgets as --quantize

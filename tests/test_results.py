@@ -7,7 +7,7 @@ import pytest
 from bclib import compression, models, results
 from bclib.config import results_dir
 from bclib.testing import sparsify
-from bclib.train import save_checkpoint
+from bclib.train import load_checkpoint, save_checkpoint
 
 
 @pytest.mark.parametrize("arch, groups, weights", [
@@ -48,10 +48,12 @@ def _finished_run(tmp_path, arch="lenet_300_100", prior="hs", seed=1):
     """A checkpoint and a JSON as reproduce writes them, from a hand-sparsified net."""
     net = models.build(arch, prior)
     thresholds = sparsify(net, share=0.3, seed=seed)
+    path = tmp_path / f"{arch}-{prior}.pt"
+    save_checkpoint(path, net, arch, prior, half=True)
+    net = load_checkpoint(path)[0]  # the report of the half-precision checkpoint, as reproduce records it
     point = {"max_drop": 0.0, "thresholds": thresholds, **compression.compression_report(net, thresholds).as_dict(),
              "error_pruned": 1.5, "error_compressed": 1.6}  # fmt: skip
     r = {"arch": arch, "prior": prior, "seed": seed, "error_bayes": 1.4, **point, "tradeoff": [dict(point)]}
-    save_checkpoint(tmp_path / f"{arch}-{prior}.pt", net, arch, prior, half=True)
     (tmp_path / f"{arch}-{prior}.json").write_text(json.dumps(r))
     return r
 
