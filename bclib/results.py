@@ -376,10 +376,10 @@ def quantized_table(results: list[Result], headlines: bool = False) -> str:
 
 def grid_table(results: list[Result], headlines: bool = False) -> str:
     """Markdown: uniform grids (``reproduce --grid``, :mod:`bclib.uniform_grid`) on each run's
-    fine-tuned levels, every budget, the headline marked (``headlines``: the headline alone),
-    beside the fitted bits' file of the same level and budget (``reproduce --quantize``), the KL
-    and the bytes goal; for the headline also the test errors of its level and budget under
-    other training seeds."""
+    fine-tuned levels, every budget, the headline and the held point marked (``headlines``: those
+    two alone, the held one marked), beside the fitted bits' file of the same level and budget
+    (``reproduce --quantize``), the KL and the bytes goal; for the points trained again (the
+    headline, and those tried for the held point) the test errors under other training seeds."""
     rows = ["| run | fine-tuned level: budget, pruning | budget (points) | test error % | held-out error % | "
             "coded bytes | fitted bits, same level and budget | KL bytes | goal | other seeds: error % |",
             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -387,12 +387,15 @@ def grid_table(results: list[Result], headlines: bool = False) -> str:
         g = r["grid"]
         fitted = {(p["level"], p["max_drop"]): p for p in r.get("quantized", {}).get("points", [])}
         for i, p in enumerate(g["points"]):
-            if headlines and i != g["headline"]:
+            marks = [m for m, j in (("headline", g["headline"]), ("held", g.get("held"))) if i == j]
+            if headlines and not marks:
                 continue
+            marks = [m for m in marks if not (headlines and m == "headline")]
             f = fitted.get((p["level"], p["max_drop"]))
             beside = f"{f['coded_bytes']:,} at {f['error']:.2f} %" if f else "–"
             seeds, goal = _seeds_cell(p), _goal_cell(r["arch"], p)
-            rows.append(f"| {NET_NAMES[r['arch']]} {PRIOR_NAMES[r['prior']]}{' (headline)' if i == g['headline'] and not headlines else ''} | "
+            label = f"{NET_NAMES[r['arch']]} {PRIOR_NAMES[r['prior']]}" + (f" ({', '.join(marks)})" if marks else "")
+            rows.append(f"| {label} | "
                         f"{_level_budget(p['finetuned_level'])}, {p['rate_pruning']:.1f}x | {100 * p['max_drop']:.1f} | "
                         f"{p['error']:.2f} | {p['held_out_error']:.2f} | **{p['coded_bytes']:,}** | {beside} | "
                         f"{p['kl_bytes']:,.0f} | {goal} | {seeds} |")  # fmt: skip

@@ -199,6 +199,8 @@ def test_fast_quantize_stage_writes_its_section_and_file(tmp_path, monkeypatch) 
     for layer, step in zip([m for m in net if isinstance(m, nn.Linear)], head["steps"], strict=True):
         assert torch.equal(uniform_grid.round_to_step(layer.weight, uniform_grid.GridStep(step)), layer.weight)
     assert [o["seed"] for o in head["other_seeds"]] == qs["seeds"]
+    if g["held"] is not None:  # the smallest file that holds over its trainings, also written
+        assert (tmp_path / g["held_file"]).stat().st_size == g["points"][g["held"]]["coded_bytes"]
     assert "Uniform grids on the fine-tuned headline" in (tmp_path / "table.md").read_text()
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import bclib.load_coded as lc
-from bclib import coded, models, quantize, uniform_grid
+from bclib import coded, models, quantize, reproduce, uniform_grid
 from bclib.compression import LayerBits, compression_report, former_group_layers, prune, quantized
 from bclib.config import data_dir, results_dir
 from bclib.data import TensorBatches, load_mnist
@@ -271,17 +271,42 @@ def test_every_shipped_run_has_uniform_grids() -> None:
 @pytest.mark.parametrize("run", GRIDDED)
 def test_shipped_grid_file_gives_its_recorded_error(run: str) -> None:
     """The shipped ``<run>-grid.bc`` is the headline's file: its size, test error and steps, and
-    the headline is the smallest file at or below the paper's error (else the lowest error)."""
+    the headline is the smallest file at or below the paper's error (else the lowest error).
+    The held point's file likewise, its other trainings all at or below the paper's error."""
     r = json.loads((results_dir() / f"{run}.json").read_text())
     g = r["grid"]
-    head = g["points"][g["headline"]]
-    path = (results_dir() / run).parent / g["file"]
-    assert path.stat().st_size == head["coded_bytes"] and path.read_bytes()[4] == 3
-    net = load_coded(path)
-    error = 100 * (1 - evaluate(net, TensorBatches(*load_mnist(train=False), batch_size=1000)))
-    assert error == pytest.approx(head["error"], abs=0.011)
-    for layer, s in zip([m for m in net if isinstance(m, (nn.Linear, nn.Conv2d))], head["steps"], strict=True):
-        assert torch.equal(round_to_step(layer.weight, GridStep(s)), layer.weight)
+    test_b = TensorBatches(*load_mnist(train=False), batch_size=1000)
     paper = PAPER[(r["arch"], r["prior"])]["error"]
+    for key, index in (("file", g["headline"]), ("held_file", g.get("held"))):
+        if index is None:
+            continue
+        p = g["points"][index]
+        path = (results_dir() / run).parent / g[key]
+        assert path.stat().st_size == p["coded_bytes"] and path.read_bytes()[4] == 3
+        net = load_coded(path)
+        assert 100 * (1 - evaluate(net, test_b)) == pytest.approx(p["error"], abs=0.011)
+        for layer, s in zip([m for m in net if isinstance(m, (nn.Linear, nn.Conv2d))], p["steps"], strict=True):
+            assert torch.equal(round_to_step(layer.weight, GridStep(s)), layer.weight)
+    head = g["points"][g["headline"]]
     within = [p for p in g["points"] if p["error"] <= paper + 1e-9]
     assert head == (min(within, key=lambda p: p["coded_bytes"]) if within else min(g["points"], key=lambda p: p["error"]))
+    if g.get("held") is not None:
+        held = g["points"][g["held"]]
+        assert held["error"] <= paper + 1e-9 and all(o["error"] <= paper + 1e-9 for o in held["other_seeds"])
+
+
+def test_the_held_point_is_the_smallest_whose_other_trainings_stay_at_the_error() -> None:
+    """``_smallest_held`` walks the points at or below the error from the smallest file, retrains
+    only those it needs, and stops at the first whose other trainings all stay there."""
+    points = [{"coded_bytes": 100, "error": 1.9}, {"coded_bytes": 200, "error": 1.7},
+              {"coded_bytes": 300, "error": 1.8}, {"coded_bytes": 400, "error": 1.6}]  # fmt: skip
+    others = {200: [1.7, 1.85], 300: [1.8, 1.75], 400: [1.7]}
+    retrained = []
+
+    def retrain(p):
+        retrained.append(p["coded_bytes"])
+        p["other_seeds"] = [{"error": e} for e in others[p["coded_bytes"]]]
+
+    assert reproduce._smallest_held(points, 1.8, retrain) is points[2]
+    assert retrained == [200, 300]  # not the 1.9 % point, not past the held one
+    assert reproduce._smallest_held(points, 1.65, retrain) is None and retrained[-1] == 400
