@@ -347,7 +347,8 @@ def _goal_cell(arch: str, p: dict[str, Any]) -> str:
 
 
 def _seeds_cell(p: dict[str, Any]) -> str:
-    """The test errors of a headline's point trained with other seeds (empty for other points)."""
+    """The test errors of a point trained again with other seeds (a headline, or a point tried for
+    the held one; empty for the rest)."""
     return " ".join(f"{o['error']:.2f}" for o in p.get("other_seeds", []))
 
 

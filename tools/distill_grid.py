@@ -6,9 +6,10 @@
 For a finished run (``reproduce --grid``'s inputs: ``results/<arch>-<prior>.json``, its
 fine-tuned level from ``state/finetune/`` or the headline, ``BCLIB_RESULTS`` for another seed's
 folder) and each budget and training seed, :func:`bclib.uniform_grid.fit_steps` twice on the
-pruned level: trained through the rounding on the labels (as ``--grid``), and with the run's
-Bayesian network (its posterior means) as the teacher (:func:`bclib.quantize.distillation_loss`,
-temperature 2). Prints coded bytes and test error of each; nothing is written to ``results/``.
+pruned level: trained through the rounding on the labels (as ``--grid`` for LeNet-5-Caffe), and
+with the run's Bayesian network (its posterior means) as the teacher
+(:func:`bclib.quantize.distillation_loss`, temperature 2; as ``--grid`` for LeNet-300-100).
+Prints coded bytes and test error of each; nothing is written to ``results/``.
 """
 from __future__ import annotations
 
