@@ -655,7 +655,7 @@ def grid_run(arch: str, prior: str, out: Path) -> dict[str, Any]:
     files = {"file": (head, f"{stem}-grid.bc")}
     if held is not None:
         files["held_file"] = (held, files["file"][1] if held is head else f"{stem}-grid-held.bc")
-    for p, name in files.values():
+    for name, p in {name: p for p, name in files.values()}.items():  # the headline's once, where it is held
         blob = (state / f"{stem}-{p['level']}-{p['max_drop']:g}.bc").read_bytes()
         atomic_write(out / name, lambda f: f.write(blob))
     result["grid"] = {**s, "seed": result["seed"], "levels": list(levels), "levels_missing": missing,

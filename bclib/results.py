@@ -346,6 +346,18 @@ def _goal_cell(arch: str, p: dict[str, Any]) -> str:
     return f"{'met' if met else 'missed'} ({goal_bytes:,} at {goal_error:g} %)"
 
 
+def _row_label(r: Result, section: str, i: int, headlines: bool) -> Optional[str]:
+    """The run's name for point ``i`` of its ``section``, its marks in brackets ("headline",
+    "held"); with ``headlines`` only the marked points have a row (None for the rest) and the
+    headline's mark goes without saying."""
+    s = r[section]
+    marks = [m for m, j in (("headline", s["headline"]), ("held", s.get("held"))) if i == j]
+    if headlines and not marks:
+        return None
+    marks = [m for m in marks if not (headlines and m == "headline")]
+    return f"{NET_NAMES[r['arch']]} {PRIOR_NAMES[r['prior']]}" + (f" ({', '.join(marks)})" if marks else "")
+
+
 def _seeds_cell(p: dict[str, Any]) -> str:
     """The test errors of a point trained again with other seeds (a headline, or a point tried for
     the held one; empty for the rest)."""
@@ -363,13 +375,13 @@ def quantized_table(results: list[Result], headlines: bool = False) -> str:
     for r in results:
         q = r["quantized"]
         for i, p in enumerate(q["points"]):
-            if headlines and i != q["headline"]:
+            label = _row_label(r, "quantized", i, headlines)
+            if label is None:
                 continue
             bits = " ".join(f"1+{e}+{s}" for e, s in p["bits"])
             seeds, goal = _seeds_cell(p), _goal_cell(r["arch"], p)
             level = _level_budget(p["finetuned_level"])
-            rows.append(f"| {NET_NAMES[r['arch']]} {PRIOR_NAMES[r['prior']]}{' (headline)' if i == q['headline'] and not headlines else ''} | "
-                        f"{level}, {p['rate_pruning']:.1f}x | {100 * p['max_drop']:.1f} | {p['error']:.2f} | "
+            rows.append(f"| {label} | {level}, {p['rate_pruning']:.1f}x | {100 * p['max_drop']:.1f} | {p['error']:.2f} | "
                         f"{p['held_out_error']:.2f} | **{p['coded_bytes']:,}** | {p['bitpacked_bytes']:,} | "
                         f"{p['kl_bytes']:,.0f} | {p['rate_precision']:.0f} | {bits} | {goal} | {seeds} |")  # fmt: skip
     return "\n".join(rows) + "\n"
@@ -388,14 +400,12 @@ def grid_table(results: list[Result], headlines: bool = False) -> str:
         g = r["grid"]
         fitted = {(p["level"], p["max_drop"]): p for p in r.get("quantized", {}).get("points", [])}
         for i, p in enumerate(g["points"]):
-            marks = [m for m, j in (("headline", g["headline"]), ("held", g.get("held"))) if i == j]
-            if headlines and not marks:
+            label = _row_label(r, "grid", i, headlines)
+            if label is None:
                 continue
-            marks = [m for m in marks if not (headlines and m == "headline")]
             f = fitted.get((p["level"], p["max_drop"]))
             beside = f"{f['coded_bytes']:,} at {f['error']:.2f} %" if f else "–"
             seeds, goal = _seeds_cell(p), _goal_cell(r["arch"], p)
-            label = f"{NET_NAMES[r['arch']]} {PRIOR_NAMES[r['prior']]}" + (f" ({', '.join(marks)})" if marks else "")
             rows.append(f"| {label} | "
                         f"{_level_budget(p['finetuned_level'])}, {p['rate_pruning']:.1f}x | {100 * p['max_drop']:.1f} | "
                         f"{p['error']:.2f} | {p['held_out_error']:.2f} | **{p['coded_bytes']:,}** | {beside} | "

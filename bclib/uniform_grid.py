@@ -8,7 +8,7 @@ integer) is the classical choice: entropy-coded uniform scalar quantization come
 about 0.25 bits per weight of the rate-distortion bound of a memoryless source at high rates
 (Gish & Pierce, 1968), where a floating-point grid spends its levels on small weights whose
 rounding matters little. On the fine-tuned LeNets, at the same level and held-out budget, the
-coded files are 0.60 (LeNet-300-100) and 0.86 (LeNet-5-Caffe) times those of bits fitted by
+coded files are 0.61 (LeNet-300-100) and 0.86 (LeNet-5-Caffe) times those of bits fitted by
 :mod:`bclib.quantize`, at the same test error (medians; ``python -m bclib.reproduce --grid``,
 chapter 10.11).
 

@@ -32,7 +32,7 @@ def main() -> None:
     args = ap.parse_args()
     out = results_dir()
     _, bayes_path, result = reproduce._finished(args.arch, args.prior, out, "tools/distill_grid.py")
-    s = reproduce._quantize_settings(args.arch, False)
+    s = reproduce._grid_settings(args.arch, False)
     batches = reproduce._split(args.arch, result["train_limit"], 128, result["seed"])
     x = reproduce._example_input(batches[1])
     levels, missing = reproduce._finetuned_levels(args.arch, args.prior, out, result, s["margin"], x.device, x, False)
