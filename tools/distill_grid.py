@@ -8,7 +8,8 @@ fine-tuned level from ``state/finetune/`` or the headline, ``BCLIB_RESULTS`` for
 folder) and each budget and training seed, :func:`bclib.uniform_grid.fit_steps` twice on the
 pruned level: trained through the rounding on the labels (as ``--grid`` for LeNet-5-Caffe), and
 with the run's Bayesian network (its posterior means) as the teacher
-(:func:`bclib.quantize.distillation_loss`, temperature 2; as ``--grid`` for LeNet-300-100).
+(:func:`bclib.quantize.distillation_loss`, temperature 2; as ``--grid`` for LeNet-300-100),
+for ``--grid``'s epochs through the rounding or ``--epochs``.
 Prints coded bytes and test error of each; nothing is written to ``results/``.
 """
 from __future__ import annotations
@@ -29,10 +30,12 @@ def main() -> None:
     ap.add_argument("--level", default=None, help="fine-tuned level, e.g. 0.01 or 0.01+0.0025 (default: the headline)")
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.001, 0.003, 0.006, 0.01, 0.02])
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4], help="training seeds")
+    ap.add_argument("--epochs", type=int, default=None, help="epochs through the rounding (default: --grid's)")
     args = ap.parse_args()
     out = results_dir()
     _, bayes_path, result = reproduce._finished(args.arch, args.prior, out, "tools/distill_grid.py")
     s = reproduce._grid_settings(args.arch, False)
+    s["epochs"] = s["epochs"] if args.epochs is None else args.epochs
     batches = reproduce._split(args.arch, result["train_limit"], 128, result["seed"])
     x = reproduce._example_input(batches[1])
     levels, missing = reproduce._finetuned_levels(args.arch, args.prior, out, result, s["margin"], x.device, x, False)
@@ -44,7 +47,8 @@ def main() -> None:
     model, thresholds, _, about = levels[name]
     pruned = compression.prune(model, thresholds, x)
     teacher = load_checkpoint(bayes_path)[0]
-    print(f"{args.arch}-{args.prior} seed {result['seed']}, level {name} ({about['rate_pruning']:.1f}x): "
+    print(f"{args.arch}-{args.prior} seed {result['seed']}, level {name} ({about['rate_pruning']:.1f}x), "
+          f"{s['epochs']} epochs: "
           "coded bytes, test error % (labels | distilled)", flush=True)  # fmt: skip
     with tempfile.TemporaryDirectory() as d:
         for budget in args.budgets:
