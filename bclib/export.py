@@ -149,6 +149,7 @@ def export_onnx(net: nn.Module, path: Union[str, Path], example_input: torch.Ten
     names = _output_names(_run(traced or net, x))
     if traced is not None:
         _fold_in_place(traced, x)
+        _select_rows(traced)
     if importlib.util.find_spec("onnxscript") is None:
         raise ImportError("export_onnx needs onnxscript, which torch.onnx's exporter uses: pip install onnx onnxscript")
     program = torch.onnx.export(
@@ -158,6 +159,24 @@ def export_onnx(net: nn.Module, path: Union[str, Path], example_input: torch.Ten
     data = program.model_proto.SerializeToString()
     atomic_write(path, lambda f: f.write(data))
     return len(data)
+
+
+def _select_rows(gm: torch.fx.GraphModule) -> None:
+    """Rewrite each selection of features ``x.index_select(-1, idx)`` (as ``prune`` writes them) as
+    ``x.movedim(-1, 0).index_select(0, idx).movedim(0, -1)``: the same values, exported as
+    Transpose, Gather of whole rows and Transpose. onnxruntime gathers along the last axis one
+    value at a time, rows as blocks, and folds the second Transpose into the Gemm after it
+    (its ``transA``): the pruned LeNet-300-100 at batch 64 ran 2x faster so (``bench_inference.py``)."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_method" and node.target == "index_select" and node.args[1:2] == (-1,):
+            x, _, idx = node.args
+            with gm.graph.inserting_before(node):
+                rows = gm.graph.call_method("movedim", (x, -1, 0))
+                kept = gm.graph.call_method("index_select", (rows, 0, idx))
+                out = gm.graph.call_method("movedim", (kept, 0, -1))
+            node.replace_all_uses_with(out)
+            gm.graph.erase_node(node)
+    gm.recompile()
 
 
 def _traced(net: nn.Module) -> Optional[torch.fx.GraphModule]:

@@ -162,6 +162,7 @@ _KERNELS: dict[str, tuple[Callable[..., torch.Tensor], Callable[..., tuple], Cal
     "nnpack": (torch._nnpack_spatial_convolution, lambda x, w, b, k, s, p, d, g: (x, w, b, p, s),
                lambda s, d, g: s == d == [1, 1] and g == 1 and torch._nnpack_available()),
 }  # fmt: skip
+CONVOLUTION_KERNELS = tuple(target for target, _, _ in _KERNELS.values())  # what a tuned graph calls for a convolution
 
 
 @torch.no_grad()

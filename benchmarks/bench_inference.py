@@ -23,11 +23,14 @@ printed) and in onnxruntime (``bclib.runtime.OnnxRuntimeNet``, as many threads).
 dense time / compressed time from the same run and the same runtime, set beside the ratio of
 multiply-adds (MACs) of the linear and conv layers and
 the ratio of their activations (values written, which ReLU and pooling read: ``cost.activations``).
-For the fully connected nets, a floor: reading the input once (``x.sum()``) plus the pruned
-net's matrix products alone (each ``F.linear`` of ``faster_eager x16 Wt`` on the input it saw),
-timed in the same rounds; dense time (``faster_eager x16 Wt``) / floor is the speed-up the pruned
-net would reach if its input selection, ReLUs and calls were free, and it cannot skip reading
-the input: its kept pixels lie on nearly all of the input's cache lines.
+A floor: reading the input once (``x.sum()``) plus the pruned net's products alone (each
+``F.linear`` and convolution, on the kernel the runtime chose, called on the input it saw),
+timed in the same rounds, in the runtime fastest for the dense net (``faster_eager x16 Wt`` for
+the fully connected nets, ``in slices, tuned`` for the convolutional ones, its products on the
+same slices); dense time in that runtime / floor is the speed-up the pruned net would reach if
+its input selection, ReLUs, pooling and calls were free. It cannot skip reading the input: the
+kept pixels of a fully connected net lie on nearly all of the input's cache lines, and a
+convolution reads them all.
 ``--profile`` lists where the pruned net's time goes at the largest batch, in eager PyTorch as
 ``prune`` builds it and after ``faster_eager(net, width_multiple=16)``; ``--compile`` adds
 ``torch.compile`` (inductor, static shapes) of the ``faster_eager`` nets as a runtime. Sizes: the
@@ -59,7 +62,7 @@ from bclib.config import results_dir
 from bclib.data import load_mnist
 from bclib.export import export_compressed
 from bclib.load_compressed import load_compressed
-from bclib.runtime import InChunks, OnnxRuntimeNet, chosen_kernels, faster_eager, tune_convolutions
+from bclib.runtime import CONVOLUTION_KERNELS, InChunks, OnnxRuntimeNet, chosen_kernels, faster_eager, tune_convolutions
 from bclib.train import load_checkpoint
 
 BATCH_SIZES = (1, 64, 1024)
@@ -75,7 +78,8 @@ RUNTIMES = {"faster_eager": lambda net, x, threads: faster_eager(net),
             "faster_eager x16 Wt": lambda net, x, threads: faster_eager(net, width_multiple=16, transposed=True),
             "faster_eager in slices": lambda net, x, threads: InChunks(faster_eager(net), 128),
             "onnxruntime": OnnxRuntimeNet}  # fmt: skip
-FLOOR_RUNTIME = "faster_eager x16 Wt"  # the floor times its products; its dense time over the floor: the bound
+# The floor times the products of this runtime's pruned net; its dense time over the floor: the bound.
+FLOOR_RUNTIME = {"fully connected": "faster_eager x16 Wt", "convolutional": "in slices, tuned"}
 COMPILED = {"torch.compile": lambda net, x, threads: torch.compile(faster_eager(net), dynamic=False)}  # --compile
 # Made again at every batch size from that batch: "in slices" with each convolution's kernel tuned at the slice's shape.
 PER_BATCH = {"in slices, tuned": lambda net, x, threads: InChunks(tune_convolutions(faster_eager(net), x[:128]), 128)}
@@ -108,6 +112,7 @@ class Row:
     error_reloaded: Optional[float] = None
     error_quantized: Optional[float] = None
     timings_ms: dict[int, dict[str, float]] = field(default_factory=dict)
+    floor_runtime: str = ""  # the runtime of the floor's products (:func:`floor_runtime`)
     kernels: dict[int, dict[str, list[str]]] = field(default_factory=dict)  # PER_BATCH's tuned convolutions
 
     @property
@@ -171,6 +176,7 @@ def benchmark(case: Case, repeats: int, threads: int, mnist: Optional[tuple[torc
     if mnist is not None:
         row.error_reloaded = test_error(reloaded, *mnist)
         row.error_quantized = test_error(quantized(pruned, report.bits), *mnist)
+    row.floor_runtime = floor_runtime(pruned)
     nets = {"dense": dense, "pruned": pruned, "reloaded": reloaded}
     for runtime, make in runtimes.items():
         nets[f"dense {runtime}"], nets[f"pruned {runtime}"] = make(dense, one, threads), make(pruned, one, threads)
@@ -180,31 +186,40 @@ def benchmark(case: Case, repeats: int, threads: int, mnist: Optional[tuple[torc
             nets[f"dense {runtime}"], nets[f"pruned {runtime}"] = make(dense, x, threads), make(pruned, x, threads)
             row.kernels[b] = {k: chosen_kernels(nets[f"{k} {runtime}"].net) for k in ("dense", "pruned")}
         floor = {}
-        if not any(isinstance(m, nn.Conv2d) for m in pruned.modules()):
-            floor = {"read input": torch.sum, "pruned products": Products(nets[f"pruned {FLOOR_RUNTIME}"], x)}
+        if f"pruned {row.floor_runtime}" in nets:
+            floor = {"read input": torch.sum, "pruned products": Products(nets[f"pruned {row.floor_runtime}"], x)}
         row.timings_ms[b] = cost.time_forward({**nets, **floor}, x, repeats)
     return row
 
 
-class Products:
-    """The matrix products of ``net(x)`` (a ``faster_eager`` graph) called alone on their recorded inputs."""
+def floor_runtime(pruned: nn.Module) -> str:
+    """The runtime whose products make the floor (:data:`FLOOR_RUNTIME`)."""
+    conv = any(isinstance(m, nn.Conv2d) for m in pruned.modules())
+    return FLOOR_RUNTIME["convolutional" if conv else "fully connected"]
 
-    def __init__(self, net: torch.fx.GraphModule, x: torch.Tensor) -> None:
+
+class Products:
+    """The linear and convolution calls of ``net(x)`` (a ``faster_eager`` graph, or ``InChunks`` of
+    one: the calls of every slice) called alone on their recorded inputs."""
+
+    def __init__(self, net: nn.Module, x: torch.Tensor) -> None:
         self.calls: list[tuple] = []
-        calls = self.calls
+        calls, products = self.calls, {F.linear, *CONVOLUTION_KERNELS}
 
         class Recorder(torch.fx.Interpreter):
             def call_function(self, target, args, kwargs):  # type: ignore[no-untyped-def]
-                if target is F.linear:
-                    calls.append((args, kwargs))
+                if target in products:
+                    calls.append((target, args, kwargs))
                 return super().call_function(target, args, kwargs)
 
+        graph, slices = (net.net, x.split(net.size)) if isinstance(net, InChunks) else (net, [x])
         with torch.inference_mode():
-            Recorder(net).run(x)
+            for xs in slices:
+                Recorder(graph).run(xs)
 
     def __call__(self, x: torch.Tensor) -> None:
-        for args, kwargs in self.calls:
-            F.linear(*args, **kwargs)
+        for target, args, kwargs in self.calls:
+            target(*args, **kwargs)
 
 
 def markdown(rows: list[Row], others: Sequence[str] = tuple(RUNTIMES)) -> str:
@@ -228,17 +243,18 @@ def markdown(rows: list[Row], others: Sequence[str] = tuple(RUNTIMES)) -> str:
             out.append(f"| {r.name} | {b} | {' / '.join(f'{v:.3f}' for v in d)} | {' / '.join(f'{v:.3f}' for v in p)} | "
                        f"{t['reloaded']:.3f} | {' / '.join(f'x{u / v:.2f}' for u, v in zip(d, p))} | "
                        f"x{r.mac_ratio:.1f} | x{r.activation_ratio:.1f} |")  # fmt: skip
-    out += ["", f"Floor: read the input + the pruned products alone; bound = dense ({FLOOR_RUNTIME}) / floor.", "",
-            "| model | batch | read input ms | pruned products ms | floor ms | dense ms | bound speed-up "
-            "| bound / MAC ratio |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    out += ["", "Floor: read the input + the pruned products alone; bound = dense time in the floor's runtime / floor.",
+            "", "| model | runtime | batch | read input ms | pruned products ms | floor ms | pruned ms | dense ms "
+            "| bound speed-up | bound / MAC ratio |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for r in rows:
         for b, t in r.timings_ms.items():
             if "read input" not in t:
                 continue
             floor = t["read input"] + t["pruned products"]
-            bound = t[f"dense {FLOOR_RUNTIME}"] / floor
-            out.append(f"| {r.name} | {b} | {t['read input']:.3f} | {t['pruned products']:.3f} | {floor:.3f} | "
-                       f"{t[f'dense {FLOOR_RUNTIME}']:.3f} | x{bound:.2f} | {100 * bound / r.mac_ratio:.0f} % |")  # fmt: skip
+            dense, pruned = t[f"dense {r.floor_runtime}"], t[f"pruned {r.floor_runtime}"]
+            out.append(f"| {r.name} | {r.floor_runtime} | {b} | {t['read input']:.3f} | {t['pruned products']:.3f} | "
+                       f"{floor:.3f} | {pruned:.3f} | {dense:.3f} | x{dense / floor:.2f} | "
+                       f"{100 * dense / floor / r.mac_ratio:.0f} % |")  # fmt: skip
     return "\n".join(out)
 
 

@@ -119,6 +119,43 @@ def test_onnxruntime_matches_torch(ort: Any, tmp_path: Path, make: Any, shape: t
             torch.testing.assert_close(onnx_outputs(ort, path, x), net(x), atol=1e-5, rtol=1e-5)
 
 
+def gather_axes(path: Path) -> list[int]:
+    import onnx
+
+    model = onnx.load(str(path))
+    return [next((a.i for a in n.attribute if a.name == "axis"), 0) for n in model.graph.node if n.op_type == "Gather"]
+
+
+class SelectedLinear(nn.Module):
+    """``index_select`` on the last dimension of any input, then a Linear layer (for 3-d inputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("idx", torch.tensor([1, 2, 5, 8, 11, 13]))
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.index_select(-1, self.idx))
+
+
+def selected_linear() -> torch.fx.GraphModule:
+    return torch.fx.symbolic_trace(SelectedLinear())
+
+
+@pytest.mark.parametrize("make, shape", [(traced_selected, (14,)), (selected_linear, (3, 14))], ids=["features", "3d"])
+def test_feature_selection_gathers_whole_rows(ort: Any, tmp_path: Path, make: Any, shape: tuple[int, ...]) -> None:
+    """``index_select(-1, idx)`` is written as Transpose, Gather along axis 0, Transpose (onnxruntime
+    copies rows as blocks, the last axis value by value); the outputs stay the net's."""
+    torch.manual_seed(0)
+    net = make().eval()
+    export_onnx(net, tmp_path / "net.onnx", torch.randn(2, *shape))
+    assert gather_axes(tmp_path / "net.onnx") == [0]
+    x = torch.randn(5, *shape)
+    with torch.no_grad():
+        torch.testing.assert_close(onnx_outputs(ort, tmp_path / "net.onnx", x), net(x), atol=1e-5, rtol=1e-5)
+    assert any(n.target == "index_select" and n.args[1] == -1 for n in net.graph.nodes)  # the net itself unchanged
+
+
 def test_pruned_bayesian_residual_net(ort: Any, tmp_path: Path) -> None:
     """What the export is for: ``prune``'s output for a residual net with some filters and features pruned."""
     torch.manual_seed(0)
