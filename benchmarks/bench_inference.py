@@ -25,12 +25,12 @@ multiply-adds (MACs) of the linear and conv layers and
 the ratio of their activations (values written, which ReLU and pooling read: ``cost.activations``).
 A floor: reading the input once (``x.sum()``) plus the pruned net's products alone (each
 ``F.linear`` and convolution, on the kernel the runtime chose, called on the input it saw),
-timed in the same rounds, in the runtime fastest for the dense net (``faster_eager x16 Wt`` for
-the fully connected nets, ``in slices, tuned`` for the convolutional ones, its products on the
-same slices); dense time in that runtime / floor is the speed-up the pruned net would reach if
-its input selection, ReLUs, pooling and calls were free. It cannot skip reading the input: the
-kept pixels of a fully connected net lie on nearly all of the input's cache lines, and a
-convolution reads them all.
+timed in the same rounds, in the PyTorch runtime fastest for the dense net in the README's runs
+(``faster_eager x16 Wt`` for the fully connected nets, ``in slices, tuned`` for the
+convolutional ones, its products on the same slices); dense time in that runtime / floor is the
+speed-up the pruned net would reach there if its input selection, ReLUs, pooling and calls were
+free. It cannot skip reading the input: the kept pixels of a fully connected net lie on nearly
+all of the input's cache lines, and a convolution reads them all.
 ``--profile`` lists where the pruned net's time goes at the largest batch, in eager PyTorch as
 ``prune`` builds it and after ``faster_eager(net, width_multiple=16)``; ``--compile`` adds
 ``torch.compile`` (inductor, static shapes) of the ``faster_eager`` nets as a runtime. Sizes: the
