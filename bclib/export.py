@@ -120,7 +120,8 @@ def export_onnx(net: nn.Module, path: Union[str, Path], example_input: torch.Ten
     ``net`` is any plain network, e.g. ``bclib.compression.prune``'s output, and
     ``example_input`` a batch it accepts, e.g. ``torch.randn(1, 1, 28, 28)``. The file holds
     the net in eval mode on the CPU with BatchNorm folded (:func:`fold_batchnorm`; a net that
-    torch.fx cannot trace is written unfolded); its input "input" and its outputs have a
+    torch.fx cannot trace is written unfolded) and each selection of kept features written
+    as whole rows gathered (:func:`_select_rows`); its input "input" and its outputs have a
     dynamic batch dimension (the first). torch.onnx's exporter (the torch.export-based one,
     torch's default) needs the onnx and onnxscript packages. ``net`` is not changed.
     """
