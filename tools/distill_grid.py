@@ -35,7 +35,8 @@ def main() -> None:
     out = results_dir()
     _, bayes_path, result = reproduce._finished(args.arch, args.prior, out, "tools/distill_grid.py")
     s = reproduce._grid_settings(args.arch, False)
-    s["epochs"] = s["epochs"] if args.epochs is None else args.epochs
+    if args.epochs is not None:
+        s["epochs"] = args.epochs
     batches = reproduce._split(args.arch, result["train_limit"], 128, result["seed"])
     x = reproduce._example_input(batches[1])
     levels, missing = reproduce._finetuned_levels(args.arch, args.prior, out, result, s["margin"], x.device, x, False)
