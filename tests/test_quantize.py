@@ -15,6 +15,7 @@ from bclib.load_coded import load_coded
 from bclib.precision import round_to_bits
 from bclib.testing import TinyResNet, randomise_batchnorm, sparsify, synthetic_mnist
 from bclib.train import evaluate
+from bclib.uniform_grid import GridStep
 
 
 def pruned_lenet(seed: int = 0) -> tuple[nn.Module, list[LayerBits]]:
@@ -262,7 +263,8 @@ def test_fit_bits_on_a_pruned_residual_net_with_batchnorm() -> None:
 
 def test_zero_weights_tool_holds_the_smallest_weights_at_zero_through_training() -> None:
     """``tools/zero_weights.py``: the mask zeroes the smallest magnitudes (ties at the cut too),
-    and the weights it holds stay zero through training while the rest lie on their grid."""
+    and the weights it holds stay zero through training while the rest lie on their grid, for
+    fitted bits and for a uniform grid (``--grid``)."""
     import importlib.util
     from pathlib import Path
 
@@ -275,11 +277,15 @@ def test_zero_weights_tool_holds_the_smallest_weights_at_zero_through_training()
     with pytest.raises(ValueError, match=r"in \[0, 1\)"):
         tool.smallest_zeroed(w, 1.0)
     x, y, _ = teacher_data()
-    net, bits = nn.Sequential(nn.Linear(20, 10)), [LayerBits(3, 2)]
+    net = nn.Sequential(nn.Linear(20, 10))
     mask = tool.smallest_zeroed(net[0].weight, 0.4)
-    out = quantize.train_through(net, TensorBatches(x, y, 128, shuffle=True), 2, 1e-2,
-                                 lambda i, layer: tool._ZeroedOnGrid(bits[i], mask))  # fmt: skip
-    stored = quantized(out, bits, quantize.BIAS_SIGNIFICAND)
-    assert not torch.equal(out[0].weight, net[0].weight)  # it trained
-    assert torch.equal(stored[0].weight, round_to_bits(out[0].weight, 3, 2))
-    assert torch.equal(tool._ZeroedOnGrid(bits[0], mask)(out[0].weight) == 0, (mask == 0) | (stored[0].weight == 0))
+    step = GridStep(0.05)
+    roundings = [(quantize._OnGrid(LayerBits(3, 2)), lambda w: round_to_bits(w, 3, 2)),  # fitted bits
+                 (uniform_grid._OnStep(step), lambda w: uniform_grid.round_to_step(w, step))]  # --grid POINT
+    for rounding, rounded in roundings:
+        out = quantize.train_through(net, TensorBatches(x, y, 128, shuffle=True), 2, 1e-2,
+                                     lambda i, layer: tool._Zeroed(rounding, mask))  # fmt: skip
+        assert not torch.equal(out[0].weight, net[0].weight)  # it trained
+        on_grid = tool._Zeroed(rounding, mask)(out[0].weight)
+        assert torch.equal(on_grid == 0, (mask == 0) | (rounded(out[0].weight) == 0))
+        assert torch.equal(on_grid[mask == 1], rounded(out[0].weight)[mask == 1])
