@@ -175,7 +175,7 @@ def tune_convolutions(net: torch.fx.GraphModule, example_input: torch.Tensor, ke
     layers but not always for narrow ones: with im2col or NNPACK for both convolutions the
     pruned LeNet-5-Caffe nets ran 1.9-2.1x faster at batch 1, and NNPACK made the dense net's
     second convolution faster at batch 64 and 1,024 (``benchmarks/bench_inference.py``, its
-    tuned runtime; the README gives the runs). Kernels:
+    tuned runtime; `benchmarks/README.md` gives the runs). Kernels:
 
     - ``"onednn"``: ``F.conv2d``, PyTorch's own choice (oneDNN for float32 on x86 builds);
     - ``"im2col"``: the input unfolded and multiplied by the weights

@@ -25,7 +25,7 @@ multiply-adds (MACs) of the linear and conv layers and
 the ratio of their activations (values written, which ReLU and pooling read: ``cost.activations``).
 A floor: reading the input once (``x.sum()``) plus the pruned net's products alone (each
 ``F.linear`` and convolution, on the kernel the runtime chose, called on the input it saw),
-timed in the same rounds, in the PyTorch runtime fastest for the dense net in the README's runs
+timed in the same rounds, in the PyTorch runtime fastest for the dense net in the runs of benchmarks/README.md
 (``faster_eager x16 Wt`` for the fully connected nets, ``in slices, tuned`` for the
 convolutional ones, its products on the same slices); dense time in that runtime / floor is the
 speed-up the pruned net would reach there if its input selection, ReLUs, pooling and calls were
