@@ -15,6 +15,9 @@ that gap on a pruned network (:func:`bclib.compression.prune`):
   first, then exponent) by one bit and is kept if the held-out accuracy of the rounded net
   stays within ``max_drop`` of the start (the rule's bits, rounded).
 - :func:`fit_bits`: the two in turn; training wins back accuracy that the next search spends.
+- ``zeros`` (:func:`train_on_grid`; the ``masks`` of :func:`train_through`): the smallest share
+  of a layer's weights held at zero through that training (:func:`smallest_zeroed`: single weights, inside
+  the groups the priors kept), which a coded file stores in fewer bits.
 
 Trained nets keep float ("latent") weights; the network to store is their rounding,
 ``compression.quantized(net, bits, bias_significand)``, which the coded file holds exactly.
@@ -46,15 +49,48 @@ class _OnGrid(nn.Module):
         return w + (round_to_bits(w, self.bits.exponent, self.bits.significand) - w).detach()
 
 
+class _Masked(nn.Module):
+    """Parametrization: a straight-through ``rounding``, times a 0/1 ``mask`` (its zeros get no gradient)."""
+
+    def __init__(self, rounding: nn.Module, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.rounding, self.mask = rounding, mask
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return self.rounding(w) * self.mask
+
+
+def smallest_zeroed(weight: torch.Tensor, fraction: float) -> torch.Tensor:
+    """A 0/1 mask of ``weight``'s shape that holds its ``fraction`` of entries with the smallest
+    magnitude at zero (its zeros counted, ties at the cut included): magnitude pruning of single
+    weights (Han et al. 2015) on top of the groups."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+        raise ValueError(f"a fraction of weights to zero must be in [0, 1) (0.7: the smallest 70 %), got {fraction!r}")
+    a = weight.detach().abs()
+    k = int(fraction * a.numel())
+    return torch.ones_like(a) if k == 0 else (a > a.flatten().kthvalue(k).values).to(a.dtype)
+
+
+def zero_masks(net: nn.Module, zeros: Sequence[float]) -> list[torch.Tensor]:
+    """:func:`smallest_zeroed` of each former group layer of ``net``, ``zeros`` giving its fraction."""
+    layers = former_group_layers(net)
+    if not isinstance(zeros, (list, tuple)) or len(zeros) != len(layers):
+        raise ValueError(f"zeros must give one fraction per former group layer ({len(layers)}), e.g. "
+                         f"[0.7] + [0] * {len(layers) - 1}; got {zeros!r:.80}")  # fmt: skip
+    return [smallest_zeroed(m.weight, f) for m, f in zip(layers, zeros)]
+
+
 def train_on_grid(net: nn.Module, bits: Sequence[LayerBits], train_batches: Batches, epochs: int,
-                  lr: float = 1e-3) -> nn.Module:  # fmt: skip
+                  lr: float = 1e-3, zeros: Optional[Sequence[float]] = None) -> nn.Module:  # fmt: skip
     """A copy of the pruned ``net`` trained ``epochs`` on cross-entropy through its rounding to ``bits``.
 
     Adam at ``lr`` falling linearly to 0 over all steps; ``net`` is left unchanged. The copy
-    keeps float weights: store ``quantized(copy, bits)``.
+    keeps float weights: store ``quantized(copy, bits)``. ``zeros``: per former group layer, the
+    share of its smallest weights (:func:`zero_masks`) held at zero throughout, and zero in the copy.
     """
     check_bits(bits, former_group_layers(net))
-    return train_through(net, train_batches, epochs, lr, lambda i, layer: _OnGrid(bits[i]))
+    masks = None if zeros is None else zero_masks(net, zeros)
+    return train_through(net, train_batches, epochs, lr, lambda i, layer: _OnGrid(bits[i]), masks=masks)
 
 
 def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
@@ -72,14 +108,18 @@ def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temper
 def train_through(net: nn.Module, train_batches: Batches, epochs: int, lr: float,
                   rounding: Callable[[int, nn.Module], nn.Module],
                   after_epoch: Optional[Callable[[list[tuple[int, nn.Module]]], None]] = None,
-                  teacher: Optional[nn.Module] = None, temperature: float = 2.0) -> nn.Module:  # fmt: skip
+                  teacher: Optional[nn.Module] = None, temperature: float = 2.0,
+                  masks: Optional[Sequence[torch.Tensor]] = None) -> nn.Module:  # fmt: skip
     """The training loop of :func:`train_on_grid` through any rounding.
 
     ``rounding(i, layer)`` gives the parametrization of former group layer ``i``'s weight (its
     forward rounds, its gradient is the identity); ``after_epoch`` sees the ``(i, layer)`` pairs
     after every epoch. The loss is the cross-entropy with the labels, or with a ``teacher`` (put
     in eval mode: a Bayesian net predicts with its posterior means) :func:`distillation_loss`
-    towards its outputs at ``temperature``. Returns the trained copy with its float weights.
+    towards its outputs at ``temperature``. ``masks`` (one 0/1 tensor per former group layer,
+    e.g. :func:`zero_masks`) multiply the rounded weights, so their zeros stay zero (an
+    ``after_epoch`` may change them in place); they are zero in the copy too. Returns the
+    trained copy with its float weights.
     """
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
         raise ValueError(f"epochs must be a whole number >= 0, got {epochs!r}")
@@ -90,11 +130,17 @@ def train_through(net: nn.Module, train_batches: Batches, epochs: int, lr: float
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a positive number, got {temperature!r}")
     out = copy_pruned(net)
+    layers = former_group_layers(out)
+    shapes = [tuple(m.weight.shape) for m in layers]
+    if masks is not None and [tuple(m.shape) for m in masks] != shapes:
+        raise ValueError(f"masks must match the former group layers' weights {shapes}, got "
+                         f"{[tuple(m.shape) for m in masks]}: make them with quantize.zero_masks(net, zeros)")  # fmt: skip
     if epochs == 0:
-        return out.eval()
-    grids = [(i, layer) for i, layer in enumerate(former_group_layers(out)) if layer.weight.numel()]
+        return _zeroed(out, masks).eval()
+    grids = [(i, layer) for i, layer in enumerate(layers) if layer.weight.numel()]
     for i, layer in grids:
-        parametrize.register_parametrization(layer, "weight", rounding(i, layer))
+        r = rounding(i, layer)
+        parametrize.register_parametrization(layer, "weight", r if masks is None else _Masked(r, masks[i]))
     try:
         steps = epochs * len(train_batches)  # type: ignore[arg-type]
         opt = torch.optim.Adam(out.parameters(), lr=lr)
@@ -119,7 +165,14 @@ def train_through(net: nn.Module, train_batches: Batches, epochs: int, lr: float
     finally:
         for _, layer in grids:
             parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
-    return out.eval()
+    return _zeroed(out, masks).eval()
+
+
+@torch.no_grad()
+def _zeroed(net: nn.Module, masks: Optional[Sequence[torch.Tensor]]) -> nn.Module:
+    for layer, mask in zip(former_group_layers(net), masks or []):
+        layer.weight.mul_(mask)
+    return net
 
 
 def _lowered(bits: Sequence[LayerBits], i: int, field: str) -> Optional[list[LayerBits]]:

@@ -34,7 +34,7 @@ from torch import nn
 
 from .compression import _accuracy, copy_pruned, former_group_layers
 from .precision import MAX_EXPONENT_BITS, round_to_bits
-from .quantize import Batches, check_search, train_through
+from .quantize import Batches, check_search, train_through, zero_masks
 
 LADDER = 4  # rungs per doubling of the step
 FINEST, COARSEST = -4 * LADDER, 4 * LADDER  # rungs: steps from rms(w) / 16 to 16 rms(w)
@@ -98,12 +98,15 @@ class _OnStep(nn.Module):
 
 
 def train_on_steps(net: nn.Module, steps: Sequence[GridStep], train_batches: Batches, epochs: int,
-                   lr: float = 1e-3, teacher: Optional[nn.Module] = None) -> nn.Module:  # fmt: skip
+                   lr: float = 1e-3, teacher: Optional[nn.Module] = None,
+                   zeros: Optional[Sequence[float]] = None) -> nn.Module:  # fmt: skip
     """A copy of the pruned ``net`` trained ``epochs`` through its rounding to ``steps``
-    (as :func:`bclib.quantize.train_on_grid`; with a ``teacher``, distilled from its outputs:
-    :func:`bclib.quantize.train_through`); store ``on_steps(copy, steps, ...)``."""
+    (as :func:`bclib.quantize.train_on_grid`, ``zeros`` too; with a ``teacher``, distilled from
+    its outputs: :func:`bclib.quantize.train_through`); store ``on_steps(copy, steps, ...)``."""
     check_steps(steps, former_group_layers(net))
-    return train_through(net, train_batches, epochs, lr, lambda i, layer: _OnStep(steps[i]), teacher=teacher)
+    masks = None if zeros is None else zero_masks(net, zeros)
+    return train_through(net, train_batches, epochs, lr, lambda i, layer: _OnStep(steps[i]), teacher=teacher,
+                         masks=masks)  # fmt: skip
 
 
 def _rms(w: torch.Tensor) -> float:
@@ -149,16 +152,20 @@ def search_steps(net: nn.Module, accuracy_of: Callable[[nn.Module], float], max_
 
 def fit_steps(net: nn.Module, accuracy_of: Callable[[nn.Module], float], train_batches: Batches,
               max_drop: float = 0.001, rounds: int = 1, epochs: int = 3, lr: float = 1e-3,
-              passes: int = 2, teacher: Optional[nn.Module] = None) -> tuple[nn.Module, list[GridStep]]:  # fmt: skip
-    """:func:`search_steps` and :func:`train_on_steps` (with its ``teacher``) in turn, ``rounds``
-    times (as :func:`bclib.quantize.fit_bits`; the floor stays the start's). Returns the trained
-    net (float weights: store ``on_steps(net, steps, quantize.BIAS_SIGNIFICAND)``) and its steps."""
+              passes: int = 2, teacher: Optional[nn.Module] = None,
+              zeros: Optional[Sequence[float]] = None) -> tuple[nn.Module, list[GridStep]]:  # fmt: skip
+    """:func:`search_steps` and :func:`train_on_steps` (with its ``teacher`` and ``zeros``) in
+    turn, ``rounds`` times (as :func:`bclib.quantize.fit_bits`; the floor stays the start's).
+    Returns the trained net (float weights: store ``on_steps(net, steps,
+    quantize.BIAS_SIGNIFICAND)``) and its steps."""
     check_search(accuracy_of, max_drop, passes)
+    if zeros is not None:
+        zero_masks(net, zeros)  # a clear error before the search, not after
     if not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be a whole number >= 1, got {rounds!r}")
     rungs, floor = _start(net, accuracy_of, max_drop)
     for _ in range(rounds):
         rungs = _ascend(net, rungs, accuracy_of, floor, passes)
         steps = _rung_steps(net, rungs)
-        net = train_on_steps(net, steps, train_batches, epochs, lr, teacher)
+        net = train_on_steps(net, steps, train_batches, epochs, lr, teacher, zeros)
     return net, steps

@@ -1,6 +1,7 @@
 """bclib.quantize: the straight-through rounding, training onto the grid, the greedy bit search."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -261,31 +262,57 @@ def test_fit_bits_on_a_pruned_residual_net_with_batchnorm() -> None:
         assert torch.equal(round_to_bits(w, b.exponent, b.significand), w)
 
 
-def test_zero_weights_tool_holds_the_smallest_weights_at_zero_through_training() -> None:
-    """``tools/zero_weights.py``: the mask zeroes the smallest magnitudes (ties at the cut too),
-    and the weights it holds stay zero through training while the rest lie on their grid, for
-    fitted bits and for a uniform grid (``--grid``)."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("zero_weights", Path(__file__).parents[1] / "tools" / "zero_weights.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+def test_smallest_zeroed_counts_zeros_and_ties() -> None:
+    """The mask zeroes the smallest magnitudes, the weight's zeros and the ties at the cut included."""
     w = torch.tensor([[0.1, -0.5, 0.2], [0.2, 3.0, -0.05]])
-    assert tool.smallest_zeroed(w, 0.0).eq(1).all()
-    assert tool.smallest_zeroed(w, 0.5).tolist() == [[0, 1, 0], [0, 1, 0]]  # the cut at 0.2 takes both 0.2s
-    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
-        tool.smallest_zeroed(w, 1.0)
+    assert quantize.smallest_zeroed(w, 0.0).eq(1).all()
+    assert quantize.smallest_zeroed(w, 0.5).tolist() == [[0, 1, 0], [0, 1, 0]]  # the cut at 0.2 takes both 0.2s
+    assert quantize.smallest_zeroed(torch.tensor([0.0, 0.0, 1.0, 2.0]), 0.5).tolist() == [0, 0, 1, 1]
+    for bad in (1.0, -0.1, True, "0.5"):
+        with pytest.raises(ValueError, match=r"in \[0, 1\) \(0.7: the smallest 70 %\)"):
+            quantize.smallest_zeroed(w, bad)
+
+
+@pytest.mark.parametrize("grid", ["fitted bits", "uniform grid"])
+def test_zeros_stay_zero_through_training_and_in_the_stored_net(grid: str) -> None:
+    """``zeros``: the masked weights get no gradient and are zero in the trained copy and its
+    rounding; the others train; masks of ones change nothing, bit for bit; bad masks are refused."""
     x, y, _ = teacher_data()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 10))
+    if grid == "fitted bits":
+        spec = [LayerBits(3, 2), LayerBits(3, 2)]
+        train = lambda zeros: quantize.train_on_grid(net, spec, TensorBatches(x, y, 128, shuffle=True), 2, 1e-2,
+                                                     zeros=zeros)  # noqa: E731
+        store = lambda n: quantized(n, spec)  # noqa: E731
+    else:
+        spec = [GridStep(0.05), GridStep(0.05)]
+        train = lambda zeros: uniform_grid.train_on_steps(net, spec, TensorBatches(x, y, 128, shuffle=True), 2, 1e-2,
+                                                          zeros=zeros)  # noqa: E731
+        store = lambda n: uniform_grid.on_steps(n, spec)  # noqa: E731
+    mask, before = quantize.smallest_zeroed(net[0].weight, 0.6), copy.deepcopy(net.state_dict())
+    torch.manual_seed(1)
+    out = train([0.6, 0.0])
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # net left as it was
+    assert torch.equal(out[0].weight[mask == 0], torch.zeros(int((mask == 0).sum())))
+    assert not torch.equal(out[0].weight[mask == 1], net[0].weight[mask == 1])  # the rest trained
+    assert not torch.equal(out[2].weight, net[2].weight)
+    assert (store(out)[0].weight == 0).float().mean() >= 0.6
+    torch.manual_seed(1)
+    plain = train(None)
+    torch.manual_seed(1)
+    ones = train([0.0, 0.0])
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), ones.state_dict().values()))
+    with pytest.raises(ValueError, match=r"one fraction per former group layer \(2\), e\.g\. \[0\.7\] \+ \[0\] \* 1"):
+        train([0.5])
+    with pytest.raises(ValueError, match="masks must match the former group layers.*quantize.zero_masks"):
+        quantize.train_through(net, TensorBatches(x, y, 128), 1, 1e-2, lambda i, layer: nn.Identity(),
+                               masks=[torch.ones(3), torch.ones(10, 16)])  # fmt: skip
+
+
+def test_fit_steps_refuses_bad_zeros_before_its_search() -> None:
     net = nn.Sequential(nn.Linear(20, 10))
-    mask = tool.smallest_zeroed(net[0].weight, 0.4)
-    step = GridStep(0.05)
-    roundings = [(quantize._OnGrid(LayerBits(3, 2)), lambda w: round_to_bits(w, 3, 2)),  # fitted bits
-                 (uniform_grid._OnStep(step), lambda w: uniform_grid.round_to_step(w, step))]  # --grid POINT
-    for rounding, rounded in roundings:
-        out = quantize.train_through(net, TensorBatches(x, y, 128, shuffle=True), 2, 1e-2,
-                                     lambda i, layer: tool._Zeroed(rounding, mask))  # fmt: skip
-        assert not torch.equal(out[0].weight, net[0].weight)  # it trained
-        on_grid = tool._Zeroed(rounding, mask)(out[0].weight)
-        assert torch.equal(on_grid == 0, (mask == 0) | (rounded(out[0].weight) == 0))
-        assert torch.equal(on_grid[mask == 1], rounded(out[0].weight)[mask == 1])
+    with pytest.raises(ValueError, match="one fraction per former group layer"):
+        uniform_grid.fit_steps(net, lambda n: pytest.fail("searched before checking zeros"), [], zeros=[0.5, 0.5])
+
+

@@ -40,27 +40,6 @@ from bclib.load_coded import load_coded
 from bclib.train import load_checkpoint
 
 
-class _Zeroed(nn.Module):
-    """Parametrization: a layer's straight-through ``rounding``, times ``mask``."""
-
-    def __init__(self, rounding: nn.Module, mask: torch.Tensor) -> None:
-        super().__init__()
-        self.rounding, self.mask = rounding, mask
-
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return self.rounding(w) * self.mask
-
-
-def smallest_zeroed(weight: torch.Tensor, fraction: float) -> torch.Tensor:
-    """A 0/1 mask that holds the ``fraction`` of ``weight``'s entries with the smallest magnitude
-    (ties at the cut included) at zero."""
-    if not 0 <= fraction < 1:
-        raise ValueError(f"a fraction of weights to zero must be in [0, 1), got {fraction!r}")
-    a = weight.detach().abs()
-    k = int(fraction * a.numel())
-    return torch.ones_like(weight) if k == 0 else (a > a.flatten().kthvalue(k).values).float()
-
-
 Spec = Sequence[Union[LayerBits, uniform_grid.GridStep]]
 
 
@@ -134,22 +113,19 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for f, seed in itertools.product(args.fractions, args.seeds or [res["seed"]]):
         held = lambda epoch: f * min(1.0, (epoch + 1) / args.ramp)  # noqa: E731  (share held in epoch 0, 1, ...)
-        masks = [smallest_zeroed(m.weight, held(0) if i == big else 0.0) for i, m in enumerate(layers)]
+        masks = quantize.zero_masks(start, [held(0) if i == big else 0.0 for i in range(len(layers))])
         epoch = 0
 
         def grow(grids: list[tuple[int, nn.Module]]) -> None:  # the next epoch's mask, by the current weights
             nonlocal epoch
             epoch += 1
             w = dict(grids)[big].parametrizations.weight.original
-            masks[big].copy_(smallest_zeroed(w, held(epoch)))
+            masks[big].copy_(quantize.smallest_zeroed(w, held(epoch)))
 
         torch.manual_seed(seed)
         train_b.generator.manual_seed(seed)
-        net = quantize.train_through(start, train_b, epochs, lr, lambda i, layer: _Zeroed(rounding(i), masks[i]),
-                                     grow if args.ramp > 1 else None, teacher=teacher)  # fmt: skip
-        with torch.no_grad():
-            for m, mask in zip(former_group_layers(net), masks):
-                m.weight.mul_(mask)
+        net = quantize.train_through(start, train_b, epochs, lr, lambda i, layer: rounding(i),
+                                     grow if args.ramp > 1 else None, teacher=teacher, masks=masks)  # fmt: skip
         kind = "zeroed" if args.grid is None else f"grid{args.grid}-zeroed"
         path = args.out / f"{args.arch}-{args.prior}-{kind}-{f:g}-seed{seed}.bc"
         path.write_bytes(coded.encode_network(store(net), spec).data)
