@@ -63,7 +63,7 @@ class _Masked(nn.Module):
 def smallest_zeroed(weight: torch.Tensor, fraction: float) -> torch.Tensor:
     """A 0/1 mask of ``weight``'s shape that holds its ``fraction`` of entries with the smallest
     magnitude at zero (its zeros counted, ties at the cut included): magnitude pruning of single
-    weights (Han et al. 2015) on top of the groups."""
+    weights (as in Deep Compression, Han, Mao & Dally 2016) on top of the groups."""
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
         raise ValueError(f"a fraction of weights to zero must be in [0, 1) (0.7: the smallest 70 %), got {fraction!r}")
     a = weight.detach().abs()
