@@ -134,7 +134,8 @@ def train_through(net: nn.Module, train_batches: Batches, epochs: int, lr: float
     shapes = [tuple(m.weight.shape) for m in layers]
     if masks is not None and [tuple(m.shape) for m in masks] != shapes:
         raise ValueError(f"masks must match the former group layers' weights {shapes}, got "
-                         f"{[tuple(m.shape) for m in masks]}: make them with quantize.zero_masks(net, zeros)")  # fmt: skip
+                         f"{[tuple(m.shape) for m in masks]}: make them with "
+                         "quantize.zero_masks(net, zeros)")  # fmt: skip
     if epochs == 0:
         return _zeroed(out, masks).eval()
     grids = [(i, layer) for i, layer in enumerate(layers) if layer.weight.numel()]
@@ -230,8 +231,9 @@ def search_bits(net: nn.Module, bits: Sequence[LayerBits], accuracy_of: Callable
 
 def fit_bits(net: nn.Module, bits: Sequence[LayerBits], accuracy_of: Callable[[nn.Module], float],
              train_batches: Batches, max_drop: float = 0.001, rounds: int = 1, epochs: int = 3, lr: float = 1e-3,
-             passes: int = 2) -> tuple[nn.Module, list[LayerBits]]:  # fmt: skip
-    """:func:`search_bits` and :func:`train_on_grid` in turn, ``rounds`` times.
+             passes: int = 2,
+             zeros: Optional[Sequence[float]] = None) -> tuple[nn.Module, list[LayerBits]]:  # fmt: skip
+    """:func:`search_bits` and :func:`train_on_grid` (with its ``zeros``) in turn, ``rounds`` times.
 
     Training on the grid wins back held-out accuracy, which the next search spends on fewer
     bits; the floor stays the start's (``quantized(net, bits)``'s accuracy less ``max_drop``).
@@ -239,11 +241,13 @@ def fit_bits(net: nn.Module, bits: Sequence[LayerBits], accuracy_of: Callable[[n
     and its bits.
     """
     _check(net, bits, accuracy_of, max_drop, passes)
+    if zeros is not None:
+        zero_masks(net, zeros)  # a clear error before the search, not after
     if not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be a whole number >= 1, got {rounds!r}")
     floor = _accuracy(accuracy_of(quantized(net, bits))) - max_drop
     bits = list(bits)
     for _ in range(rounds):
         bits = _descend(net, bits, accuracy_of, floor, passes)
-        net = train_on_grid(net, bits, train_batches, epochs, lr)
+        net = train_on_grid(net, bits, train_batches, epochs, lr, zeros)
     return net, bits

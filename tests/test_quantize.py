@@ -310,9 +310,23 @@ def test_zeros_stay_zero_through_training_and_in_the_stored_net(grid: str) -> No
                                masks=[torch.ones(3), torch.ones(10, 16)])  # fmt: skip
 
 
-def test_fit_steps_refuses_bad_zeros_before_its_search() -> None:
+def test_fit_steps_and_fit_bits_refuse_bad_zeros_before_their_search() -> None:
     net = nn.Sequential(nn.Linear(20, 10))
+    never = lambda n: pytest.fail("searched before checking zeros")  # noqa: E731
     with pytest.raises(ValueError, match="one fraction per former group layer"):
-        uniform_grid.fit_steps(net, lambda n: pytest.fail("searched before checking zeros"), [], zeros=[0.5, 0.5])
+        uniform_grid.fit_steps(net, never, [], zeros=[0.5, 0.5])
+    with pytest.raises(ValueError, match="one fraction per former group layer"):
+        quantize.fit_bits(net, [LayerBits(3, 2)], never, [], zeros=[0.5, 0.5])
+
+
+def test_fit_bits_holds_its_zeros() -> None:
+    x, y, _ = teacher_data()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 10))
+    acc = lambda n: accuracy(n, x, y)  # noqa: E731
+    out, bits = quantize.fit_bits(net, [LayerBits(3, 4)] * 2, acc, TensorBatches(x, y, 128, shuffle=True),
+                                  max_drop=0.02, epochs=1, zeros=[0.5, 0.0])  # fmt: skip
+    mask = quantize.smallest_zeroed(net[0].weight, 0.5)
+    assert torch.equal(quantized(out, bits)[0].weight[mask == 0], torch.zeros(int((mask == 0).sum())))
 
 
