@@ -56,7 +56,8 @@ def fitted_bits_start(res: dict[str, Any]) -> tuple[nn.Module, Spec, str]:
 
 def grid_start(res: dict[str, Any], bayes_path: Path, point: str,
                x: torch.Tensor) -> tuple[nn.Module, Spec, str, dict[str, Any], Optional[nn.Module]]:  # fmt: skip
-    """A grid point's pruned level, its steps, a line about it, ``--grid``'s settings and the teacher."""
+    """A grid point's pruned level, its steps, a line about it, the run's ``grid`` section (the
+    settings it was made with) and the teacher."""
     if "grid" not in res:
         raise FileNotFoundError(f"{res['arch']}-{res['prior']} has no uniform grids: run python -m bclib.reproduce "
                                 "--grid first")  # fmt: skip
@@ -66,8 +67,7 @@ def grid_start(res: dict[str, Any], bayes_path: Path, point: str,
         raise ValueError(f"--grid takes held, headline or a point's index below {len(g['points'])}; "
                          f"{arch}-{prior} has no point {point!r}")  # fmt: skip
     p = g["points"][index]
-    s = reproduce._grid_settings(arch, False)
-    levels, missing = reproduce._finetuned_levels(arch, prior, results_dir(), res, s["margin"], x.device, x, False)
+    levels, missing = reproduce._finetuned_levels(arch, prior, results_dir(), res, g["margin"], x.device, x, False)
     if p["level"] not in levels:
         raise FileNotFoundError(f"the fine-tuned level {p['level']} is not at hand (missing: {missing}; "
                                 "python -m bclib.reproduce --finetune makes it)")  # fmt: skip
@@ -75,7 +75,7 @@ def grid_start(res: dict[str, Any], bayes_path: Path, point: str,
     teacher = load_checkpoint(bayes_path)[0] if g["distil"] else None
     return (compression.prune(model, thresholds, x), [uniform_grid.GridStep(v) for v in p["steps"]],
             f"grid point {index} (level {p['level']}, budget {p['max_drop']:g}): {p['coded_bytes']:,} bytes, "
-            f"test error {p['error']:.2f} %", s, teacher)  # fmt: skip
+            f"test error {p['error']:.2f} %", g, teacher)  # fmt: skip
 
 
 def main() -> None:
@@ -100,8 +100,8 @@ def main() -> None:
         rounding: Callable[[int], nn.Module] = lambda i: quantize._OnGrid(spec[i])  # noqa: E731
         store = lambda net: quantized(net, spec, quantize.BIAS_SIGNIFICAND)  # noqa: E731
     else:
-        start, spec, about, s, teacher = grid_start(res, bayes_path, args.grid, reproduce._example_input(val_b))
-        epochs, lr = s["epochs"], s["lr"]
+        start, spec, about, g, teacher = grid_start(res, bayes_path, args.grid, reproduce._example_input(val_b))
+        epochs, lr = g["epochs"], g["lr"]
         rounding = lambda i: uniform_grid._OnStep(spec[i])  # noqa: E731
         store = lambda net: uniform_grid.on_steps(net, spec, quantize.BIAS_SIGNIFICAND).cpu()  # noqa: E731
     epochs = epochs if args.epochs is None else args.epochs
